@@ -1,0 +1,49 @@
+# `make demo` and `make test` do all the set-up on a fresh machine with Python >= 3.10.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+BACKENDS := tensorflow jax torch
+LINTED := keras_lsuv tests examples benchmarks
+
+.PHONY: demo test lint docs unit package clean
+
+$(STAMP): setup.cfg pyproject.toml requirements/dev.txt requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -c requirements/constraints.txt -r requirements/dev.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+# Lint, docs, the suite once per backend (separate processes), then the wheel smoke test.
+test: lint docs unit package
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir build/site
+
+unit: $(STAMP)
+	@failed=""; for backend in $(BACKENDS); do \
+		echo "=== pytest, KERAS_BACKEND=$$backend"; \
+		KERAS_BACKEND=$$backend $(BIN)/python -m pytest tests -p no:cacheprovider -q || failed="$$failed $$backend"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "FAILED backends:$$failed"; exit 1; fi
+
+# Builds the wheel and sdist, installs the wheel into a fresh venv and imports it there.
+package: $(STAMP)
+	rm -rf dist build/smoke && mkdir -p build
+	$(BIN)/python -m build --outdir dist . > build/package.log 2>&1 || (cat build/package.log; exit 1)
+	$(PYTHON) -m venv build/smoke
+	build/smoke/bin/python -m pip install -q -c requirements/constraints.txt dist/*.whl
+	cd build && KERAS_BACKEND=numpy smoke/bin/python -c "import keras_lsuv, keras; \
+		w = keras.ops.convert_to_numpy(keras_lsuv.Orthonormal(seed=0)((8, 4))); \
+		assert abs((w.T @ w) - __import__('numpy').eye(4)).max() < 1e-5; \
+		print('wheel smoke test: keras_lsuv', keras_lsuv.__version__, 'from', keras_lsuv.__file__)"
+
+clean:
+	rm -rf $(VENV) build dist site *.egg-info

@@ -1,0 +1,21 @@
+"""Shared test set-up: one Keras backend per process, chosen by KERAS_BACKEND."""
+
+import importlib.util
+
+# With TensorFlow and torch both installed, torch must be imported first (as in Keras's own conftest).
+if importlib.util.find_spec("torch") is not None:
+    import torch  # noqa: F401
+
+import keras
+import pytest
+
+
+def pytest_report_header(config):
+    return f"keras {keras.__version__}, backend: {keras.backend.backend()}"
+
+
+@pytest.fixture(autouse=True)
+def clear_keras_session():
+    keras.backend.clear_session()
+    yield
+    keras.backend.clear_session()

@@ -66,9 +66,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backends", default="tensorflow,jax,torch")
-    parser.add_argument(
-        "--quick", action="store_true", help="small shapes, one repeat: checks the script runs"
-    )
+    parser.add_argument("--quick", action="store_true", help="small shapes, one repeat: checks the script runs")
     parser.add_argument("--no-svd", action="store_true", help="skip the (slow) SVD construction")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,6 +1,9 @@
 """LSUV initialization (Mishkin & Matas, 2016) for Keras 3."""
 
+from keras_lsuv.callback import LSUVCallback
+from keras_lsuv.lsuv import lsuv_init
 from keras_lsuv.orthonormal import Orthonormal
+from keras_lsuv.report import LayerRecord, LSUVReport
 from keras_lsuv.version import __version__
 
-__all__ = ["Orthonormal", "__version__"]
+__all__ = ["LSUVCallback", "LSUVReport", "LayerRecord", "Orthonormal", "lsuv_init", "__version__"]

@@ -15,7 +15,6 @@ def orthonormal_matrix(
     rows: int,
     cols: int,
     seed: int | keras.random.SeedGenerator,
-    batch_shape: Sequence[int] = (),
 ) -> Any:
     """Draws matrices with orthonormal columns (tall) or rows (wide), in float32.
 
@@ -27,21 +26,14 @@ def orthonormal_matrix(
         rows: Number of rows of each matrix.
         cols: Number of columns of each matrix.
         seed: An integer (stateless) or a `keras.random.SeedGenerator`.
-        batch_shape: Leading dimensions; each matrix in the batch is drawn
-            independently.
 
     Returns:
-        A float32 tensor of shape `(*batch_shape, rows, cols)`.
+        A float32 tensor of shape `(rows, cols)`.
     """
-    batch_shape = tuple(batch_shape)
-    tall = (max(rows, cols), min(rows, cols))
-    gaussian = keras.random.normal(batch_shape + tall, seed=seed, dtype="float32")
+    gaussian = keras.random.normal((max(rows, cols), min(rows, cols)), seed=seed, dtype="float32")
     q, r = ops.qr(gaussian)
-    diagonal = ops.diagonal(r, axis1=-2, axis2=-1)
-    q = q * ops.expand_dims(ops.sign(diagonal), -2)
-    if rows < cols:
-        q = ops.swapaxes(q, -1, -2)
-    return q
+    q = q * ops.sign(ops.diagonal(r))
+    return ops.transpose(q) if rows < cols else q
 
 
 @keras.saving.register_keras_serializable(package="keras_lsuv")

@@ -1,0 +1,78 @@
+"""`LSUVCallback`: LSUV at the start of `model.fit`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from keras_lsuv.lsuv import check_options, lsuv_init
+from keras_lsuv.report import LSUVReport
+
+
+class LSUVCallback(keras.callbacks.Callback):
+    """Runs `lsuv_init` on the model in `on_train_begin`, before the first training step.
+
+    The weights LSUV sets are the ones the first step trains from on every
+    backend. A model whose optimizer has already taken steps is left alone
+    (with a warning) unless `force=True`, so calling `fit` again never
+    re-initializes it.
+
+    Example:
+
+    >>> model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    >>> lsuv = keras_lsuv.LSUVCallback(x_train[:256], seed=0)
+    >>> model.fit(x_train, y_train, epochs=5, callbacks=[lsuv])
+    >>> print(lsuv.report)
+
+    The options are those of `lsuv_init`, checked here so that a bad option
+    fails before training starts.
+
+    Args:
+        x: One batch of training inputs (see `lsuv_init`).
+        target_variance: The output variance to reach.
+        tolerance: Accepted distance to `target_variance`.
+        max_iterations: At most this many rescales per layer.
+        measure: `"preactivation"` (default) or `"output"`.
+        orthonormal: Redraw the kernels orthonormally first.
+        engine: `"single_pass"` (default) or `"submodel"`.
+        seed: Integer seed of the orthonormal draw.
+        force: Run even if the model has already been trained.
+        verbose: `"auto"`, 0, 1 or 2, as in `lsuv_init`.
+
+    Attributes:
+        report: The `LSUVReport` of the run, `None` before training starts.
+    """
+
+    def __init__(
+        self,
+        x: Any,
+        *,
+        target_variance: float = 1.0,
+        tolerance: float = 0.1,
+        max_iterations: int = 10,
+        measure: str = "preactivation",
+        orthonormal: bool = True,
+        engine: str = "single_pass",
+        seed: int | None = None,
+        force: bool = False,
+        verbose: str | int = "auto",
+    ) -> None:
+        super().__init__()
+        check_options(target_variance, tolerance, max_iterations, measure, engine, verbose)
+        self.x = x
+        self.options = {
+            "target_variance": target_variance,
+            "tolerance": tolerance,
+            "max_iterations": max_iterations,
+            "measure": measure,
+            "orthonormal": orthonormal,
+            "engine": engine,
+            "seed": seed,
+            "force": force,
+            "verbose": verbose,
+        }
+        self.report: LSUVReport | None = None
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.report = lsuv_init(self.model, self.x, **self.options)

@@ -1,0 +1,86 @@
+"""The sub-model engine: the design card taken literally, kept as the slow reference.
+
+For each target layer of a Functional or Sequential model, in topological order, a sub-model from the model's
+inputs to that layer's output is built and re-run after every rescale, so the cost grows with depth squared.
+Nested models are entered with their inputs computed once by the outer prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+from keras import ops
+
+from keras_lsuv.inference import inference_mode
+from keras_lsuv.report import LayerRecord
+from keras_lsuv.rescale import Criterion, find_scale, scale_kernel, variance
+from keras_lsuv.targets import Target, find_targets, without_activation
+
+
+def run_submodel(
+    model: keras.Model,
+    batch: Any,
+    targets: list[Target],
+    measure: str,
+    criterion: Criterion,
+    on_record: Callable[[LayerRecord], None],
+) -> list[LayerRecord]:
+    """Rescales every target by re-running the sub-model that ends at it; returns records in topological order."""
+    _check_is_graph(model, "the model")
+    by_layer = {id(t.layer): t for t in targets}
+    records: list[LayerRecord] = []
+
+    def visit(graph: keras.Model, graph_batch: Any) -> None:
+        for layer in graph.layers:
+            if isinstance(layer, keras.Model):
+                _check_is_graph(layer, f"the nested model '{layer.name}'")
+                # `Operation.input` is the tensor the nested model was called on in `graph` (node 0);
+                # `Functional.input` would give the nested model's own Input instead.
+                prefix = keras.Model(graph.inputs, keras.Operation.input.fget(layer))
+                visit(layer, prefix(graph_batch, training=False))
+            elif id(layer) in by_layer:
+                records.append(_rescale_with_submodel(by_layer.pop(id(layer)), graph, graph_batch, measure, criterion))
+                if not records[-1].skipped:
+                    on_record(records[-1])
+            elif find_targets(layer):
+                inner = find_targets(layer)[0].layer
+                raise ValueError(
+                    f"engine='submodel' cannot reach layer '{inner.name}' inside '{layer.name}' "
+                    f"({type(layer).__name__}): it is not a node of a Functional graph. Use engine='single_pass'."
+                )
+
+    with inference_mode():
+        visit(model, batch)
+    for target in by_layer.values():
+        reason = target.skip_reason or "not reached by the forward pass"
+        records.append(LayerRecord(target.layer.name, type(target.layer).__name__, reason=reason))
+    return records
+
+
+def _check_is_graph(model: keras.Model, what: str) -> None:
+    if not getattr(model, "inputs", None):
+        raise ValueError(
+            f"engine='submodel' needs Functional or Sequential models, but {what} ({type(model).__name__}) "
+            "is subclassed: it has no graph to cut sub-models from. Use engine='single_pass'."
+        )
+
+
+def _rescale_with_submodel(
+    target: Target, graph: keras.Model, graph_batch: Any, measure: str, criterion: Criterion
+) -> LayerRecord:
+    layer = target.layer
+    if target.skip_reason:
+        return LayerRecord(layer.name, type(layer).__name__, reason=target.skip_reason)
+    submodel = keras.Model(graph.inputs, layer.output)
+    kernel = target.scaled_kernel
+    original = ops.copy(kernel.value)
+
+    def variance_at(scale: float) -> float:
+        scale_kernel(kernel, original, scale)
+        with without_activation(layer) as activation:
+            z = submodel(graph_batch, training=False)
+        return variance(z if measure == "preactivation" else activation(z))
+
+    return find_scale(target, variance_at, criterion)

@@ -1,0 +1,158 @@
+"""Which layers LSUV rescales, which kernel of each, and how each kernel is redrawn orthonormally."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+TARGET_CLASSES = (
+    layers.Dense,
+    layers.EinsumDense,
+    layers.Conv1D,
+    layers.Conv2D,
+    layers.Conv3D,
+    layers.Conv1DTranspose,
+    layers.Conv2DTranspose,
+    layers.Conv3DTranspose,
+    layers.DepthwiseConv1D,
+    layers.DepthwiseConv2D,
+    layers.SeparableConv1D,
+    layers.SeparableConv2D,
+)
+TRANSPOSED = (layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose)
+DEPTHWISE = (layers.DepthwiseConv1D, layers.DepthwiseConv2D)
+SEPARABLE = (layers.SeparableConv1D, layers.SeparableConv2D)
+
+
+@dataclasses.dataclass(eq=False)
+class Target:
+    """A layer LSUV works on.
+
+    Args:
+        layer: The Keras layer.
+        skip_reason: Why it is left alone (frozen, kernel not a plain
+            variable), else `None`.
+    """
+
+    layer: keras.layers.Layer
+    skip_reason: str | None = None
+
+    @property
+    def scaled_kernel(self) -> keras.Variable:
+        """The kernel whose scale sets the output variance (the pointwise one for separable convs)."""
+        if isinstance(self.layer, SEPARABLE):
+            return self.layer.pointwise_kernel
+        return self.layer.kernel
+
+    @property
+    def kernels(self) -> list[keras.Variable]:
+        """Every kernel of the layer (both for separable convs)."""
+        if isinstance(self.layer, SEPARABLE):
+            return [self.layer.depthwise_kernel, self.layer.pointwise_kernel]
+        return [self.layer.kernel]
+
+    @property
+    def is_linear_in_kernel(self) -> bool:
+        """True when the pre-activation output is `L(kernel) + bias` with `call` from Keras itself.
+
+        Then scaling the kernel by `s` scales `L` by `s`, so the effect of a
+        rescale is known without calling the layer again. A subclass with its
+        own `call` may be anything, so it is re-evaluated instead.
+        """
+        return type(self.layer).call.__module__.startswith("keras.")
+
+    def bias_term(self, like: Any) -> Any:
+        """The bias as it is added to the pre-activation output `like` (float32), or `None`."""
+        bias = getattr(self.layer, "bias", None)
+        if bias is None:
+            return None
+        bias = ops.cast(bias, "float32")
+        if getattr(self.layer, "data_format", "channels_last") == "channels_first":
+            bias = ops.reshape(bias, (1, -1) + (1,) * (len(like.shape) - 2))
+        return bias
+
+
+def find_targets(model: keras.layers.Layer) -> list[Target]:
+    """Every layer of a target class inside `model` (nested models and composite layers included), once."""
+    targets, seen = [], set()
+    for layer in _walk(model):
+        if isinstance(layer, TARGET_CLASSES) and id(layer) not in seen:
+            seen.add(id(layer))
+            targets.append(Target(layer, _skip_reason(layer)))
+    return targets
+
+
+def _walk(layer: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
+    # Keras has no public API listing the sub-layers of composite layers (e.g. MultiHeadAttention's
+    # projections); `_flatten_layers` is what Keras itself uses for that. Non-recursive calls keep the
+    # order in which the sub-layers were assigned, depth first.
+    for child in layer._flatten_layers(include_self=False, recursive=False):
+        yield child
+        yield from _walk(child)
+
+
+def _skip_reason(layer: keras.layers.Layer) -> str | None:
+    if not layer.trainable:
+        return "frozen (trainable=False)"
+    if getattr(layer, "lora_enabled", False):
+        return "LoRA enabled: the kernel is computed, not a plain variable"
+    if getattr(layer, "quantization_mode", None):
+        return f"quantized ({layer.quantization_mode}): the kernel is not a plain float variable"
+    kernels = Target(layer).kernels
+    if not all(isinstance(k, keras.Variable) for k in kernels):
+        return "the kernel is not a plain variable"
+    return None
+
+
+@contextlib.contextmanager
+def without_activation(layer: keras.layers.Layer) -> Iterator[Any]:
+    """Temporarily replaces the layer's fused activation by the identity; yields the original."""
+    activation = layer.activation
+    layer.activation = keras.activations.linear
+    try:
+        yield activation
+    finally:
+        layer.activation = activation
+
+
+def redraw_orthonormal(target: Target, rng: np.random.Generator) -> None:
+    """Redraws each kernel of `target` orthonormally, over the layer's own fan-in.
+
+    Dense, EinsumDense and ConvND kernels are flattened as `Orthonormal` does:
+    `(prod(shape[:-1]), shape[-1])`. A transposed conv kernel
+    `(*k, filters, in)` maps `in` channels to `k·filters` outputs, so its matrix
+    is `(in, prod(k)·filters)`. A depthwise kernel `(*k, in, multiplier)` gets
+    one independent `(prod(k), multiplier)` matrix per input channel.
+
+    The draw is made with NumPy on the host, once per kernel: a given seed then
+    gives the same kernels on every backend, and JAX does not compile a QR for
+    every kernel shape of the model (about 20 s for MobileNetV2 on a CPU).
+    """
+    layer = target.layer
+    for kernel in target.kernels:
+        shape = tuple(kernel.shape)
+        if isinstance(layer, TRANSPOSED):
+            spatial, filters, channels = shape[:-2], shape[-2], shape[-1]
+            matrix = _orthonormal(rng, channels, math.prod(spatial) * filters)
+            values = np.moveaxis(matrix.reshape(channels, *spatial, filters), 0, -1)
+        elif isinstance(layer, DEPTHWISE) or (isinstance(layer, SEPARABLE) and kernel is layer.depthwise_kernel):
+            spatial, channels, multiplier = shape[:-2], shape[-2], shape[-1]
+            matrices = _orthonormal(rng, math.prod(spatial), multiplier, batch=(channels,))
+            values = np.swapaxes(matrices, 0, 1).reshape(shape)
+        else:
+            values = _orthonormal(rng, math.prod(shape[:-1]), shape[-1]).reshape(shape)
+        kernel.assign(values.astype("float32"))
+
+
+def _orthonormal(rng: np.random.Generator, rows: int, cols: int, batch: tuple[int, ...] = ()) -> np.ndarray:
+    """`orthonormal_matrix` in NumPy: QR of a Gaussian matrix, signs of R's diagonal folded into Q."""
+    q, r = np.linalg.qr(rng.standard_normal((*batch, max(rows, cols), min(rows, cols))))
+    q *= np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
+    return np.swapaxes(q, -1, -2) if rows < cols else q

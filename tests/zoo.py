@@ -1,0 +1,130 @@
+"""Small models of every kind LSUV must handle, and an engine-independent way to check its result."""
+
+import keras
+import numpy as np
+
+from keras_lsuv.targets import TARGET_CLASSES
+
+layers = keras.layers
+
+
+def deep_mlp(depth=10, width=32, inputs=16):
+    model = keras.Sequential([keras.Input((inputs,))])
+    for _ in range(depth):
+        model.add(layers.Dense(width, activation="tanh", bias_initializer="zeros"))
+    model.add(layers.Dense(10, activation="softmax"))
+    return model
+
+
+def residual_cnn():
+    """Separable, depthwise and transposed convs, a residual add, two outputs."""
+    inputs = keras.Input((12, 12, 3))
+    h = layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    r = layers.SeparableConv2D(8, 3, padding="same", activation="relu")(h)
+    r = layers.DepthwiseConv2D(3, padding="same", depth_multiplier=1, activation="relu")(r)
+    h = layers.Add()([h, r])
+    up = layers.Conv2DTranspose(4, 3, strides=2, padding="same", activation="relu", name="up")(h)
+    segmentation = layers.Conv2D(2, 1, name="segmentation")(up)
+    pooled = layers.GlobalAveragePooling2D()(h)
+    classes = layers.Dense(5, activation="softmax", name="classes")(pooled)
+    return keras.Model(inputs, [classes, segmentation])
+
+
+def nested_model():
+    """A Sequential inside a Functional model."""
+    inner = keras.Sequential([layers.Dense(24, activation="relu"), layers.Dense(24, activation="relu")], name="inner")
+    inputs = keras.Input((16,))
+    h = layers.Dense(24, activation="relu")(inputs)
+    h = inner(h)
+    return keras.Model(inputs, layers.Dense(3)(h))
+
+
+class Subclassed(keras.Model):
+    """No graph; `shared` is called twice per forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = layers.Dense(32, activation="relu")
+        self.shared = layers.Dense(32, activation="relu")
+        self.conv = layers.Conv1D(8, 3, padding="same", activation="elu")
+        self.head = layers.Dense(4)
+
+    def call(self, x):
+        h = self.shared(self.shared(self.first(x)))
+        h = self.conv(keras.ops.expand_dims(h, -1))
+        return self.head(keras.ops.reshape(h, (-1, 32 * 8)))
+
+
+def transformer_block(seq=6, dim=16):
+    inputs = keras.Input((seq, dim))
+    attention = layers.MultiHeadAttention(num_heads=2, key_dim=8)(inputs, inputs)
+    h = layers.LayerNormalization()(layers.Add()([inputs, attention]))
+    ffn = layers.Dense(32, activation="gelu")(h)
+    ffn = layers.Dense(dim)(ffn)
+    h = layers.LayerNormalization()(layers.Add()([h, ffn]))
+    return keras.Model(inputs, layers.Dense(3)(layers.GlobalAveragePooling1D()(h)))
+
+
+def mobilenet():
+    return keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=5)
+
+
+def batch_for(model, n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else (16,)
+    return rng.normal(size=(n, *shape)).astype("float32")
+
+
+def target_layers(model):
+    seen, found = set(), []
+
+    def walk(layer):
+        for child in layer._flatten_layers(include_self=False, recursive=False):
+            if isinstance(child, TARGET_CLASSES) and id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+            walk(child)
+
+    walk(model)
+    return found
+
+
+def preactivation_variances(model, x):
+    """Each target layer's pre-activation variance on the inputs it receives in a plain forward pass.
+
+    Independent of the engines: the pass only records each target's first inputs, then each layer is
+    called again with its activation replaced by the identity.
+    """
+    captured = {}
+    targets = target_layers(model)
+
+    def recorder(layer, original):
+        def call(*args, **kwargs):
+            captured.setdefault(id(layer), (args, kwargs))
+            return original(*args, **kwargs)
+
+        return call
+
+    for layer in targets:
+        layer.call = recorder(layer, layer.call)
+    try:
+        model(x, training=False)
+    finally:
+        for layer in targets:
+            del layer.call
+    variances = {}
+    for layer in targets:
+        if id(layer) not in captured:
+            continue
+        args, kwargs = captured[id(layer)]
+        activation, layer.activation = layer.activation, keras.activations.linear
+        try:
+            z = layer.call(*args, **kwargs)
+        finally:
+            layer.activation = activation
+        variances[layer.name] = float(np.var(keras.ops.convert_to_numpy(z).astype("float64")))
+    return variances
+
+
+def weights_of(model):
+    return [np.array(keras.ops.convert_to_numpy(w)) for w in model.weights]

@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BACKENDS := tensorflow jax torch
-LINTED := keras_lsuv tests examples benchmarks
+LINTED := keras_lsuv tests examples benchmarks scripts
 
-.PHONY: demo test lint docs unit package clean
+.PHONY: demo test lint docs unit distribution package clean
 
 $(STAMP): setup.cfg pyproject.toml requirements/dev.txt requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,8 @@ $(STAMP): setup.cfg pyproject.toml requirements/dev.txt requirements/constraints
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-# Lint, docs, the suite once per backend (separate processes), then the wheel smoke test.
-test: lint docs unit package
+# Lint, docs, the suite once per backend (separate processes), distribution tests, the wheel smoke test.
+test: lint docs unit distribution package
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
@@ -30,9 +30,16 @@ docs: $(STAMP)
 unit: $(STAMP)
 	@failed=""; for backend in $(BACKENDS); do \
 		echo "=== pytest, KERAS_BACKEND=$$backend"; \
-		KERAS_BACKEND=$$backend $(BIN)/python -m pytest tests -p no:cacheprovider -q || failed="$$failed $$backend"; \
+		KERAS_BACKEND=$$backend $(BIN)/python -m pytest tests -p no:cacheprovider -q \
+			--ignore=tests/distribution || failed="$$failed $$backend"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "FAILED backends:$$failed"; exit 1; fi
+
+# Device flags are read at start-up, so each backend's distribution tests run in a process of their own.
+distribution: $(STAMP)
+	XLA_FLAGS=--xla_force_host_platform_device_count=4 KERAS_BACKEND=jax \
+		$(BIN)/python -m pytest tests/distribution -p no:cacheprovider -q
+	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest tests/distribution -p no:cacheprovider -q
 
 # Builds the wheel and sdist, installs the wheel into a fresh venv and imports it there.
 package: $(STAMP)

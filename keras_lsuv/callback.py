@@ -6,6 +6,7 @@ from typing import Any
 
 import keras
 
+from keras_lsuv.data import DEFAULT_NUM_SAMPLES
 from keras_lsuv.lsuv import check_options, lsuv_init
 from keras_lsuv.report import LSUVReport
 
@@ -29,7 +30,10 @@ class LSUVCallback(keras.callbacks.Callback):
     fails before training starts.
 
     Args:
-        x: One batch of training inputs (see `lsuv_init`).
+        x: Training inputs: arrays, a `tf.data.Dataset`, a `PyDataset`, a
+            generator or a torch `DataLoader` (see `lsuv_init`). An iterable is
+            read when training starts, so pass one of its own rather than the
+            generator `fit` consumes.
         target_variance: The output variance to reach.
         tolerance: Accepted distance to `target_variance`.
         max_iterations: At most this many rescales per layer.
@@ -39,6 +43,7 @@ class LSUVCallback(keras.callbacks.Callback):
         seed: Integer seed of the orthonormal draw.
         force: Run even if the model has already been trained.
         verbose: `"auto"`, 0, 1 or 2, as in `lsuv_init`.
+        num_samples: How many samples of `x` to use (default 256).
 
     Attributes:
         report: The `LSUVReport` of the run, `None` before training starts.
@@ -57,9 +62,10 @@ class LSUVCallback(keras.callbacks.Callback):
         seed: int | None = None,
         force: bool = False,
         verbose: str | int = "auto",
+        num_samples: int = DEFAULT_NUM_SAMPLES,
     ) -> None:
         super().__init__()
-        check_options(target_variance, tolerance, max_iterations, measure, engine, verbose)
+        check_options(target_variance, tolerance, max_iterations, measure, engine, verbose, num_samples)
         self.x = x
         self.options = {
             "target_variance": target_variance,
@@ -71,6 +77,7 @@ class LSUVCallback(keras.callbacks.Callback):
             "seed": seed,
             "force": force,
             "verbose": verbose,
+            "num_samples": num_samples,
         }
         self.report: LSUVReport | None = None
 

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lsuv.data import first_sample, prepare_batch
+from keras_lsuv.data import DEFAULT_NUM_SAMPLES, first_sample, prepare_batch
 from keras_lsuv.engines import ENGINES
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.report import LSUVReport
@@ -33,6 +33,7 @@ def lsuv_init(
     seed: int | None = None,
     force: bool = False,
     verbose: str | int = "auto",
+    num_samples: int = DEFAULT_NUM_SAMPLES,
 ) -> LSUVReport:
     """Initializes `model` in place with LSUV (Mishkin & Matas, 2016).
 
@@ -58,8 +59,12 @@ def lsuv_init(
 
     Args:
         model: A Keras model (Sequential, Functional or subclassed; built or not).
-        x: One batch of training inputs: an array or backend tensor, or a
-            list/tuple/dict of them for a model with several inputs.
+        x: Training inputs, in any form `fit` takes: arrays or backend tensors
+            (a list/tuple/dict of them for several inputs), a `tf.data.Dataset`,
+            a `keras.utils.PyDataset`, a generator or iterator, or a torch
+            `DataLoader`. Elements may be `x`, `(x, y)` or
+            `(x, y, sample_weight)`; only `x` is used. The first `num_samples`
+            samples form the LSUV batch.
         target_variance: The output variance to reach (1.0 in the paper).
         tolerance: Stop when `|var - target_variance| < tolerance` (0.1).
         max_iterations: At most this many rescales per layer (T_max, 10).
@@ -77,6 +82,8 @@ def lsuv_init(
         force: Run even if the model's optimizer has already taken steps.
         verbose: `"auto"` or 1: a progress bar and the per-layer table;
             2: the table only; 0: silent.
+        num_samples: How many samples of `x` to use (default 256): arrays are
+            sliced, iterables are read batch by batch until there are enough.
 
     Returns:
         An `LSUVReport` with one record per target layer.
@@ -86,7 +93,7 @@ def lsuv_init(
             finite or does not match the model's inputs, or a layer whose
             output becomes non-finite. The model's weights are unchanged then.
     """
-    criterion = check_options(target_variance, tolerance, max_iterations, measure, engine, verbose)
+    criterion = check_options(target_variance, tolerance, max_iterations, measure, engine, verbose, num_samples)
     report = LSUVReport(engine=engine, measure=measure, target_variance=target_variance, tolerance=tolerance)
     steps = _optimizer_steps(model)
     if steps and not force:
@@ -97,7 +104,7 @@ def lsuv_init(
         warnings.warn(f"LSUV skipped: {report.skipped_reason}", UserWarning, stacklevel=2)
         return report
 
-    batch = prepare_batch(model, x)
+    batch = prepare_batch(model, x, num_samples)
     if not model.built:
         with inference_mode():
             model(first_sample(batch), training=False)
@@ -135,7 +142,13 @@ def lsuv_init(
 
 
 def check_options(
-    target_variance: float, tolerance: float, max_iterations: int, measure: str, engine: str, verbose: Any
+    target_variance: float,
+    tolerance: float,
+    max_iterations: int,
+    measure: str,
+    engine: str,
+    verbose: Any,
+    num_samples: int,
 ) -> Criterion:
     """Validates the options shared by `lsuv_init` and `LSUVCallback`; returns the stopping criterion."""
     if not (isinstance(target_variance, (int, float)) and math.isfinite(target_variance) and target_variance > 0):
@@ -150,6 +163,8 @@ def check_options(
         raise ValueError(f"engine must be one of {tuple(ENGINES)}; got {engine!r}.")
     if verbose not in ("auto", 0, 1, 2):
         raise ValueError(f"verbose must be 'auto', 0, 1 or 2; got {verbose!r}.")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}.")
     return Criterion(float(target_variance), float(tolerance), max_iterations)
 
 

@@ -30,7 +30,13 @@ class Criterion:
 
 def variance(x: Any) -> float:
     """One scalar variance over the whole tensor, computed in float32."""
-    return float(ops.convert_to_numpy(ops.var(ops.cast(x, "float32"))))
+    return variances(x)[0]
+
+
+def variances(*tensors: Any) -> list[float]:
+    """The variance of each tensor, brought to the host together (one device sync)."""
+    stacked = ops.stack([ops.var(ops.cast(t, "float32")) for t in tensors])
+    return [float(v) for v in ops.convert_to_numpy(stacked)]
 
 
 def find_scale(target: Target, variance_at: Callable[[float], float], criterion: Criterion) -> LayerRecord:

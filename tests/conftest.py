@@ -16,6 +16,5 @@ def pytest_report_header(config):
 
 @pytest.fixture(autouse=True)
 def clear_keras_session():
-    keras.backend.clear_session()
-    yield
-    keras.backend.clear_session()
+    # Fresh layer names and global state per test; skipping the full garbage collection saves ~1 s a test on TF.
+    keras.backend.clear_session(free_memory=False)

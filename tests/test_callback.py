@@ -57,3 +57,40 @@ def test_bad_option_fails_at_construction():
 
 def test_report_is_none_before_training():
     assert keras_lsuv.LSUVCallback(np.zeros((4, 4))).report is None
+
+
+def test_callback_reads_the_same_kinds_of_data_fit_takes():
+    tf = pytest.importorskip("tensorflow")
+    import torch
+
+    x = zoo.batch_for(keras.Sequential([keras.Input((16,))]), n=48)
+    reference = zoo.deep_mlp(depth=2)
+    keras_lsuv.lsuv_init(reference, x, seed=2, verbose=0)
+    labels = np.zeros(len(x), "int32")
+    sources = [
+        tf.data.Dataset.from_tensor_slices((x, labels)).batch(16),
+        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(x)), batch_size=16),
+        (pair for pair in [(x[:24], labels[:24]), (x[24:], labels[24:])]),
+    ]
+    for source in sources:
+        model = zoo.deep_mlp(depth=2)
+        frozen_sgd_fit(model, x, keras_lsuv.LSUVCallback(source, seed=2, verbose=0))
+        for a, b in zip(zoo.weights_of(model), zoo.weights_of(reference), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_variables_keep_their_identity_and_the_optimizer_trains_them():
+    """On torch, `assign` copies in place: the Parameters the optimizer holds are the ones LSUV set."""
+    model = zoo.deep_mlp(depth=2)
+    x = zoo.batch_for(model)
+    tensors = [id(w.value) for w in model.weights]
+    reference = zoo.deep_mlp(depth=2)
+    keras_lsuv.lsuv_init(reference, x, seed=0, verbose=0)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), loss="sparse_categorical_crossentropy")
+    callback = keras_lsuv.LSUVCallback(x, seed=0, verbose=0)
+    model.fit(x, np.ones(len(x), "int32"), epochs=1, batch_size=len(x), verbose=0, callbacks=[callback])
+    if keras.backend.backend() == "torch":
+        assert [id(w.value) for w in model.weights] == tensors
+    # One step of SGD moved every weight away from the LSUV values it started from.
+    moved = [not np.allclose(a, b) for a, b in zip(zoo.weights_of(model), zoo.weights_of(reference), strict=True)]
+    assert all(moved)

@@ -17,7 +17,7 @@ from keras import ops
 
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.report import LayerRecord
-from keras_lsuv.rescale import Criterion, find_scale, scale_kernel, variance
+from keras_lsuv.rescale import Criterion, find_scale, scale_kernel, variance, variances
 from keras_lsuv.targets import Target, without_activation
 
 
@@ -93,10 +93,13 @@ def _rescale_on_call(
         return scaled if bias is None else ops.add(scaled, bias)
 
     if measure == "preactivation":
-        # var(s·L + B) = s²·var(L) + 2s·cov(L, B) + var(B): one pass over the tensor, then scalar arithmetic.
-        var_l = variance(linear)
-        var_b = 0.0 if bias is None else variance(bias)  # B repeats each bias value equally often
-        cov_lb = 0.0 if bias is None else (variance(z) - var_l - var_b) / 2
+        # var(s·L + B) = s²·var(L) + 2s·cov(L, B) + var(B): statistics once, then scalar arithmetic.
+        if bias is None:
+            var_l, var_b, cov_lb = variance(linear), 0.0, 0.0
+        else:
+            # B repeats each bias value equally often, so var(B) is the variance of the bias itself.
+            var_l, var_b, var_z = variances(linear, bias, z)
+            cov_lb = (var_z - var_l - var_b) / 2
 
         def variance_at(scale: float) -> float:
             return scale * scale * var_l + 2 * scale * cov_lb + var_b

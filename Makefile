@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BACKENDS := tensorflow jax torch
 LINTED := keras_lsuv tests examples benchmarks scripts
 
-.PHONY: demo test lint docs unit distribution package clean
+.PHONY: demo test lint docs unit distribution package bench-quick bench clean
 
 $(STAMP): setup.cfg pyproject.toml requirements/dev.txt requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,9 @@ $(STAMP): setup.cfg pyproject.toml requirements/dev.txt requirements/constraints
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-# Lint, docs, the suite once per backend (separate processes), distribution tests, the wheel smoke test.
-test: lint docs unit distribution package
+# Lint, docs, the suite once per backend (separate processes), distribution tests, the wheel smoke test,
+# then a benchmark smoke run.
+test: lint docs unit distribution package bench-quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
@@ -51,6 +52,14 @@ package: $(STAMP)
 		w = keras.ops.convert_to_numpy(keras_lsuv.Orthonormal(seed=0)((8, 4))); \
 		assert abs((w.T @ w) - __import__('numpy').eye(4)).max() < 1e-5; \
 		print('wheel smoke test: keras_lsuv', keras_lsuv.__version__, 'from', keras_lsuv.__file__)"
+
+# Every benchmark section on tiny models, one repetition per backend: checks benchmarks/run.py runs (writes nothing).
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run.py --quick
+
+# The full benchmark (under 10 minutes on 2 CPU cores): prints the report and writes docs/benchmarks.md.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info

@@ -1,0 +1,503 @@
+"""LSUV cost per backend: time and memory relative to a forward pass, the PyTorch peer, BN overhead, initializer.
+
+Run: .venv/bin/python benchmarks/run.py [--quick] [--backends tensorflow,jax,torch] [--repeats 3]
+
+Prints a markdown report and writes it to docs/benchmarks.md (`--output`; `--quick` writes nothing unless
+`--output` is given). Each backend runs in its own process (Keras fixes the backend per process), and every ratio
+divides two times measured in that same process. Sections:
+
+1. Cost vs depth: a warm eager forward pass `model(x, training=False)` (under `torch.no_grad()` on torch), then
+   `lsuv_init` with each engine, as a ratio to that forward pass; median of `--repeats` calls after a first call,
+   which is reported on its own (tracing, JAX per-op compiles). The sub-model engine is O(depth²) and only runs on
+   models with at most `SUBMODEL_MAX_TARGETS` target layers.
+2. The PyTorch peer, the `lsuv` package by the paper's first author, on the same Conv2d/ReLU stack (torch process
+   only). Install it with `.venv/bin/pip install -c requirements/constraints.txt lsuv`; without it the section is
+   skipped with a message.
+3. Initializer: `benchmarks/initializer.py`'s Orthonormal vs `keras.initializers.Orthogonal` (without the SVD).
+4. Training overhead: time per warm `train_on_batch` step of a conv net after LSUV vs the same net with
+   BatchNormalization after every conv.
+5. Memory: peak resident memory of `lsuv_init` relative to a forward pass, each in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import initializer
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = "tensorflow,jax,torch"
+SUBMODEL_MAX_TARGETS = 16
+FULL = {
+    "depths": [8, 16, 32, 64, 128],
+    "batch": 64,
+    "image": (32, 32, 8),
+    "applications": {"ResNet50": 8, "MobileNetV2": 8},  # name: batch size, on 32x32x3 inputs
+    "peer_depths": [8, 16],
+    "train_depth": 16,
+    "train_steps": 3,
+    "memory_depth": 32,
+    "initializer_shapes": initializer.SHAPES,
+}
+QUICK = {
+    "depths": [2, 4],
+    "batch": 4,
+    "image": (8, 8, 3),
+    "applications": {},
+    "peer_depths": [2, 4],
+    "train_depth": 2,
+    "train_steps": 1,
+    "memory_depth": 4,
+    "initializer_shapes": [(64, 64), (3, 3, 16, 16)],
+}
+
+
+def first_and_median(call, repeats):
+    """Times `call()` once (the first call), then `repeats` more times.
+
+    Returns:
+        The first call's seconds, the median of the others, and the last call's result.
+    """
+    times = []
+    for _ in range(1 + repeats):
+        start = time.perf_counter()
+        result = call()
+        times.append(time.perf_counter() - start)
+    return times[0], statistics.median(times[1:]), result
+
+
+def conv_stack(depth, image, batch_norm=False):
+    """`depth` Conv2D(16, 3, relu) layers (or Conv2D, BatchNormalization, ReLU), pooled to 10 logits if BN."""
+    import keras
+
+    layers = [keras.Input(image)]
+    for _ in range(depth):
+        if batch_norm:
+            layers += [
+                keras.layers.Conv2D(16, 3, padding="same", use_bias=False),
+                keras.layers.BatchNormalization(),
+                keras.layers.ReLU(),
+            ]
+        else:
+            layers.append(keras.layers.Conv2D(16, 3, padding="same", activation="relu"))
+    return keras.Sequential(layers)
+
+
+def classifier(depth, image, batch_norm):
+    """`conv_stack` followed by global average pooling and a 10-way Dense, compiled with SGD."""
+    import keras
+
+    model = keras.Sequential(
+        [conv_stack(depth, image, batch_norm), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
+    )
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def inputs(batch, image):
+    import numpy as np
+
+    return np.random.default_rng(0).normal(size=(batch, *image)).astype("float32")
+
+
+def forward(model, x):
+    """One eager forward pass, gradient recording off (torch), values fetched to the host."""
+    import keras
+
+    from keras_lsuv.inference import inference_mode
+
+    with inference_mode():
+        return keras.ops.convert_to_numpy(model(x, training=False))
+
+
+def lsuv(model, x, engine):
+    import keras_lsuv
+
+    return keras_lsuv.lsuv_init(model, x, engine=engine, seed=0, force=True, verbose=0)
+
+
+def cost_rows(config, repeats):
+    """Section 1: forward, single_pass and submodel times for the conv stacks and the applications."""
+    import keras
+
+    models = [
+        (f"Conv2D x{d}", conv_stack(d, config["image"]), config["batch"], config["image"]) for d in config["depths"]
+    ]
+    for name, batch in config["applications"].items():
+        application = getattr(keras.applications, name)(weights=None, input_shape=(32, 32, 3))
+        models.append((f"{name} 32x32x3", application, batch, (32, 32, 3)))
+    for name, model, batch, image in models:
+        x = inputs(batch, image)
+        row = {"model": name, "batch": batch}
+        row["forward_first"], row["forward"], _ = first_and_median(functools.partial(forward, model, x), repeats)
+        row["single_pass_first"], row["single_pass"], result = first_and_median(
+            functools.partial(lsuv, model, x, "single_pass"), repeats
+        )
+        row["targets"] = len(result.records)
+        if row["targets"] <= SUBMODEL_MAX_TARGETS:
+            row["submodel_first"], row["submodel"], _ = first_and_median(
+                functools.partial(lsuv, model, x, "submodel"), repeats
+            )
+        yield row
+
+
+def peer_rows(config, repeats):
+    """Section 2: the `lsuv` package on an equivalent torch Conv2d/ReLU stack, NCHW, under no_grad for forward."""
+    try:
+        import lsuv as peer
+    except ImportError:
+        yield {"missing": "pip install -c requirements/constraints.txt lsuv"}
+        return
+    import torch
+
+    height, width, channels = config["image"]
+    x = torch.from_numpy(inputs(config["batch"], (channels, height, width)))
+    for depth in config["peer_depths"]:
+        layers = []
+        for i in range(depth):
+            layers += [torch.nn.Conv2d(channels if i == 0 else 16, 16, 3, padding=1), torch.nn.ReLU()]
+        model = torch.nn.Sequential(*layers).eval()
+
+        def run_forward(m=model):
+            with torch.no_grad():
+                m(x)
+
+        row = {"model": f"Conv2d x{depth}", "batch": config["batch"]}
+        row["forward_first"], row["forward"], _ = first_and_median(run_forward, repeats)
+        row["peer_first"], row["peer"], _ = first_and_median(
+            lambda m=model: peer.lsuv_with_singlebatch(m, x, verbose=False), repeats
+        )
+        yield row
+
+
+def initializer_rows(config, repeats):
+    """Section 3: `benchmarks/initializer.py`'s worker (one JSON row per shape), without the SVD, one timed draw.
+
+    A 4096x4096 draw takes seconds on 2 cores, so one draw after the warm-up one keeps the full run short.
+    """
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        initializer.worker(1, config["initializer_shapes"], with_svd=False)
+    yield from (json.loads(line) for line in printed.getvalue().splitlines())
+
+
+def training_rows(config, repeats):
+    """Section 4: warm `train_on_batch` time of the LSUV-initialized net and of the BN net."""
+    import numpy as np
+
+    x = inputs(config["batch"], config["image"])
+    y = np.arange(config["batch"]) % 10
+    row = {"model": f"Conv2D x{config['train_depth']}", "batch": config["batch"]}
+    for variant in ("lsuv", "bn"):
+        model = classifier(config["train_depth"], config["image"], batch_norm=variant == "bn")
+        if variant == "lsuv":
+            lsuv(model, x, "single_pass")
+        model.train_on_batch(x, y)  # builds the optimizer, traces the train function
+
+        def steps(m=model):
+            for _ in range(config["train_steps"]):
+                m.train_on_batch(x, y)
+
+        row[variant] = first_and_median(steps, repeats)[1] / config["train_steps"]
+    yield row
+
+
+def memory_probe(config, mode):
+    """Section 5, in a fresh process: the peak resident memory above the built model during the first `mode` call.
+
+    The peak (VmHWM) is reset through `/proc/self/clear_refs` just before the call, so that the imports and the
+    model's construction do not count, and the resident memory at that point is subtracted from it.
+    """
+    import keras
+
+    def rss(field):
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field))) * 1024
+
+    model = conv_stack(config["memory_depth"], config["image"])
+    x = inputs(config["batch"], config["image"])
+    call = (lambda: forward(model, x)) if mode == "forward" else (lambda: lsuv(model, x, "single_pass"))
+    Path("/proc/self/clear_refs").write_text("5")
+    before = rss("VmRSS:")
+    call()
+    row = {"mode": mode, "backend": keras.backend.backend(), "before": before, "peak": rss("VmHWM:")}
+    print(json.dumps(row), flush=True)
+
+
+SECTIONS = {
+    "cost": cost_rows,
+    "peer": peer_rows,
+    "initializer": initializer_rows,
+    "training": training_rows,
+}
+
+
+def worker(config, repeats):
+    """Runs every section in this process's backend; prints one JSON row per result, tagged with its section."""
+    import keras
+
+    for section, rows in SECTIONS.items():
+        if section == "peer" and keras.backend.backend() != "torch":
+            continue
+        for row in rows(config, repeats):
+            print(json.dumps({"section": section, "backend": keras.backend.backend(), **row}), flush=True)
+
+
+def run_process(backend, *arguments):
+    """Runs this script with `arguments` under KERAS_BACKEND=`backend`; returns its JSON rows."""
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    command = [sys.executable, __file__, *arguments]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if result.returncode:
+        sys.exit(f"{backend} {' '.join(arguments)} failed:\n{result.stderr}")
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def ratio(row, key, base="forward"):
+    return f"{row[key] / row[base]:.2f}" if key in row else "not run"
+
+
+def cost_section(rows):
+    header = ["backend", "model", "targets", "batch", "forward (ms)", "forward 1st (ms)"]
+    header += ["single_pass / fwd", "single_pass 1st / fwd", "submodel / fwd", "submodel 1st / fwd"]
+    body = [
+        [
+            r["backend"],
+            r["model"],
+            r["targets"],
+            r["batch"],
+            f"{1e3 * r['forward']:.0f}",
+            f"{1e3 * r['forward_first']:.0f}",
+        ]
+        + [ratio(r, k) for k in ("single_pass", "single_pass_first", "submodel", "submodel_first")]
+        for r in rows
+    ]
+    return table(header, body)
+
+
+def peer_section(peer_rows_, cost_rows_):
+    if any("missing" in r for r in peer_rows_):
+        return f"Skipped: the `lsuv` package is not installed (`{peer_rows_[0]['missing']}`)."
+    ours = {r["model"]: r for r in cost_rows_ if r["backend"] == "torch"}
+    header = [
+        "model",
+        "forward (ms)",
+        "lsuv (peer) / fwd",
+        "peer 1st / fwd",
+        "ours single_pass / fwd",
+        "ours submodel / fwd",
+    ]
+    body = []
+    for r in peer_rows_:
+        mine = ours.get(r["model"].replace("Conv2d", "Conv2D"), {})
+        mine_ratios = [ratio(mine, k) if mine else "not run" for k in ("single_pass", "submodel")]
+        body.append([r["model"], f"{1e3 * r['forward']:.1f}", ratio(r, "peer"), ratio(r, "peer_first"), *mine_ratios])
+    return table(header, body)
+
+
+def initializer_section(rows):
+    body = [
+        [
+            r["backend"],
+            "x".join(map(str, r["shape"])),
+            f"{1e3 * r['Orthogonal']:.1f}",
+            f"{1e3 * r['Orthonormal']:.1f}",
+            f"{r['Orthonormal'] / r['Orthogonal']:.2f}",
+        ]
+        for r in rows
+    ]
+    return table(["backend", "shape", "Orthogonal (ms)", "Orthonormal (ms)", "Orthonormal / Orthogonal"], body)
+
+
+def training_section(rows):
+    body = [
+        [
+            r["backend"],
+            r["model"],
+            r["batch"],
+            f"{1e3 * r['lsuv']:.0f}",
+            f"{1e3 * r['bn']:.0f}",
+            f"{r['bn'] / r['lsuv']:.2f}",
+        ]
+        for r in rows
+    ]
+    return table(["backend", "model", "batch", "LSUV step (ms)", "BN step (ms)", "BN / LSUV"], body)
+
+
+def memory_section(rows):
+    by_backend = {}
+    for r in rows:
+        by_backend.setdefault(r["backend"], {})[r["mode"]] = r
+    body = []
+    for backend, modes in by_backend.items():
+        fwd, init = (modes[m]["peak"] - modes[m]["before"] for m in ("forward", "lsuv"))
+        totals = [f"{modes[m][k] / 2**20:.0f}" for m in ("forward", "lsuv") for k in ("before", "peak")]
+        body.append([backend, f"{fwd / 2**20:.1f}", f"{init / 2**20:.1f}", f"{init / max(fwd, 1):.2f}", *totals])
+    header = ["backend", "forward peak increase (MiB)", "LSUV peak increase (MiB)", "LSUV / forward"]
+    header += ["forward: RSS before (MiB)", "forward: peak (MiB)", "LSUV: RSS before (MiB)", "LSUV: peak (MiB)"]
+    return table(header, body)
+
+
+def targets_section(rows):
+    """The issue's targets, checked against the measured rows."""
+    lines = []
+    for backend in dict.fromkeys(r["backend"] for r in rows["cost"]):
+        stacks = [r for r in rows["cost"] if r["backend"] == backend and r["model"].startswith("Conv2D")]
+        single = [r["single_pass"] / r["forward"] for r in stacks]
+        flat = single[-1] / single[0]
+        sub = [f"{r['submodel'] / r['forward']:.1f}" for r in stacks if "submodel" in r]
+        lines.append(
+            f"- {backend}: single_pass ≤ 2.0x forward at every depth: {verdict(max(single) <= 2.0)} "
+            f"(max {max(single):.2f}); deepest / shallowest ratio ≤ 1.2: {verdict(flat <= 1.2)} ({flat:.2f}); "
+            f"submodel ratio by depth: {', '.join(sub)}."
+        )
+    for r in rows["initializer"]:
+        shape, value = "x".join(map(str, r["shape"])), r["Orthonormal"] / r["Orthogonal"]
+        lines.append(
+            f"- {r['backend']} Orthonormal ≤ 1.1x Orthogonal at {shape}: {verdict(value <= 1.1)} ({value:.2f})"
+        )
+    by_backend = {}
+    for r in rows["memory"]:
+        by_backend.setdefault(r["backend"], {})[r["mode"]] = r
+    for backend, modes in by_backend.items():
+        fwd, init = (modes[m]["peak"] - modes[m]["before"] for m in ("forward", "lsuv"))
+        value = init / max(fwd, 1)
+        lines.append(f"- {backend} LSUV peak memory increase ≤ 1.5x forward's: {verdict(value <= 1.5)} ({value:.2f})")
+    return "\n".join(lines)
+
+
+def verdict(met):
+    return "**met**" if met else "**missed**"
+
+
+def machine():
+    """The CPU model, core count, Python and library versions of this machine."""
+    import importlib.metadata
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor(),
+    )
+    versions = ", ".join(
+        f"{name} {importlib.metadata.version(name)}" for name in ("keras", "tensorflow-cpu", "jax", "torch")
+    )
+    return f"{cpu}, {os.cpu_count()} cores, CPU only; Python {platform.python_version()}; {versions}."
+
+
+def report(rows, config, command, seconds):
+    """The markdown page: method, machine, then one table per section."""
+    return f"""# Benchmarks
+
+Generated by `{command}` in {seconds / 60:.1f} minutes on {machine()}
+Every ratio divides two times measured in the same process; "1st" is the first call in that process (tracing,
+JAX per-op compilation), the other columns the median of the following calls. Timings on a shared 2-core machine
+are noisy: read ratios to ±10–20 %.
+
+## Targets
+
+{targets_section(rows)}
+
+## 1. Cost vs depth
+
+A warm eager forward pass `model(x, training=False)` (under `torch.no_grad()` on torch, output fetched to the
+host), and `lsuv_init(model, x, engine=..., force=True)` (orthonormal redraw included) on a fresh model, as ratios
+to it. Conv stacks: `Conv2D(16, 3, padding="same", activation="relu")` on 32x32x8 inputs. The sub-model engine,
+O(depth²), only runs on models with at most {SUBMODEL_MAX_TARGETS} target layers ("not run" otherwise).
+
+Conv stacks use batch {config["batch"]}; the applications a smaller batch (column "batch") to keep the run short.
+The orthonormal redraw is a fixed cost per kernel (a float64 NumPy QR on the host), independent of the batch: on
+the applications it is most of the LSUV time at these small batches.
+
+{cost_section(rows["cost"])}
+
+## 2. Against the PyTorch `lsuv` package
+
+[`lsuv`](https://pypi.org/project/lsuv/) (by the paper's first author) on the equivalent `nn.Sequential` of
+`Conv2d(16, 3, padding=1)` / `ReLU` in NCHW, as a ratio to its own forward pass under `torch.no_grad()`. It
+re-runs the whole model for every layer and every rescale. Our ratios are from the torch rows of section 1.
+
+{peer_section(rows["peer"], rows["cost"])}
+
+## 3. Orthonormal initializer
+
+`benchmarks/initializer.py`, without its SVD variant: the time of one draw after a warm-up draw of the same
+shape, values fetched to the host.
+
+{initializer_section(rows["initializer"])}
+
+## 4. Training overhead of BatchNormalization
+
+Median time per warm `train_on_batch` step (SGD) of the conv stack + global average pooling + Dense(10), after
+LSUV, vs the same net with `Conv2D(use_bias=False)`, `BatchNormalization`, `ReLU` blocks.
+
+{training_section(rows["training"])}
+
+## 5. Memory
+
+A forward pass and `lsuv_init` (single_pass) each run once in a fresh process per backend, on the
+depth-{config["memory_depth"]} conv stack, batch {config["batch"]} (one activation is
+{config["batch"] * config["image"][0] * config["image"][1] * 16 * 4 / 2**20:.0f} MiB). Just before the call the
+process's peak resident set is reset (`echo 5 > /proc/self/clear_refs`), so imports and model construction do not
+count; the figure is the peak (`VmHWM` in `/proc/self/status`) during the call minus the resident set (`VmRSS`)
+just before it. Both calls are first calls, so tracing and JAX compilation memory is included in both. RSS counts
+whole pages and allocator caches, so small figures are coarse.
+
+{memory_section(rows["memory"])}
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backends", default=BACKENDS)
+    parser.add_argument("--quick", action="store_true", help="tiny models, one repeat: checks the script runs")
+    parser.add_argument("--output", help="markdown file to write (default docs/benchmarks.md, none with --quick)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", choices=("forward", "lsuv"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    config = QUICK if args.quick else FULL
+    repeats = 1 if args.quick else args.repeats
+    if args.worker:
+        worker(config, repeats)
+        return
+    if args.memory_probe:
+        memory_probe(config, args.memory_probe)
+        return
+    start = time.perf_counter()
+    flags = ["--quick"] * args.quick + ["--repeats", str(repeats)]
+    rows = {section: [] for section in [*SECTIONS, "memory"]}
+    for backend in args.backends.split(","):
+        for row in run_process(backend, "--worker", *flags):
+            rows[row.pop("section")].append(row)
+        for mode in ("forward", "lsuv"):
+            rows["memory"] += run_process(backend, "--memory-probe", mode, *flags)
+    command = "python benchmarks/run.py" + "".join(f" {a}" for a in sys.argv[1:])
+    page = report(rows, config, command, time.perf_counter() - start)
+    print(page)
+    output = args.output or (None if args.quick else ROOT / "docs" / "benchmarks.md")
+    if output:
+        Path(output).write_text(page)
+
+
+if __name__ == "__main__":
+    main()

@@ -421,7 +421,7 @@ def plot_layer_variances(task, depth, grid, path):
     for axis in axes[-1]:
         axis.set_xlabel("hidden layer")
     axes[0][1].legend(fontsize=7)
-    figure.suptitle(f"{task}, depth {depth}: variance at initialization on {len(x)} training samples")
+    figure.suptitle(f"{task.name}, depth {depth}: variance at initialization on {len(x)} training samples")
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)

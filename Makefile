@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BACKENDS := tensorflow jax torch
 LINTED := keras_lsuv tests examples benchmarks
 
-.PHONY: demo test lint docs unit package clean
+.PHONY: demo test lint docs unit package study-quick study clean
 
 $(STAMP): setup.cfg pyproject.toml requirements/dev.txt requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,8 @@ $(STAMP): setup.cfg pyproject.toml requirements/dev.txt requirements/constraints
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-# Lint, docs, the suite once per backend (separate processes), then the wheel smoke test.
-test: lint docs unit package
+# Lint, docs, the suite once per backend (separate processes), the wheel smoke test, then a slice of the study.
+test: lint docs unit package study-quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
@@ -44,6 +44,14 @@ package: $(STAMP)
 		w = keras.ops.convert_to_numpy(keras_lsuv.Orthonormal(seed=0)((8, 4))); \
 		assert abs((w.T @ w) - __import__('numpy').eye(4)).max() < 1e-5; \
 		print('wheel smoke test: keras_lsuv', keras_lsuv.__version__, 'from', keras_lsuv.__file__)"
+
+# A small slice of examples/deep_thin_nets.py (about 1.5 minutes on 2 CPU cores).
+study-quick: $(STAMP)
+	KERAS_BACKEND=jax $(BIN)/python examples/deep_thin_nets.py --quick
+
+# The full study behind docs/results.md (about 20 minutes on 2 CPU cores); rewrites the plots in docs/img.
+study: $(STAMP)
+	KERAS_BACKEND=jax $(BIN)/python examples/deep_thin_nets.py --results-json build/study.json --plots-dir docs/img
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info

@@ -37,7 +37,7 @@ def make_data(rng, n):
 def main():
     """Initializes the block with LSUV and trains it for 2 epochs; returns the report and the training history."""
     rng = np.random.default_rng(0)
-    x_train, y_train = make_data(rng, 1024)
+    x_train, y_train = make_data(rng, 512)
     keras.utils.set_random_seed(0)
     model = transformer_classifier()
     report = keras_lsuv.lsuv_init(model, x_train[:128], seed=0, verbose=2)

@@ -21,7 +21,7 @@ def make_data(rng, n):
 
 
 def main():
-    """Initializes an 8-layer ReLU MLP with LSUV, trains it 100 steps; returns the report and the losses."""
+    """Initializes an 8-layer ReLU MLP with LSUV, trains it 60 steps; returns the report and the losses."""
     rng = np.random.default_rng(0)
     x_train, y_train = make_data(rng, 2048)
     keras.utils.set_random_seed(0)
@@ -33,11 +33,11 @@ def main():
 
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="mse")
     losses = []
-    for step in range(100):
+    for step in range(60):
         batch = rng.integers(0, len(x_train), size=64)
         loss = model.train_on_batch(x_train[batch], y_train[batch])
         losses.append(float(loss))
-        if step % 25 == 0:
+        if step % 20 == 0:
             print(f"step {step:3d}  loss {loss:.4f}")
     print(f"mean loss, first 10 steps {np.mean(losses[:10]):.4f}, last 10 steps {np.mean(losses[-10:]):.4f}")
     return report, losses

@@ -45,7 +45,7 @@ package: $(STAMP)
 		assert abs((w.T @ w) - __import__('numpy').eye(4)).max() < 1e-5; \
 		print('wheel smoke test: keras_lsuv', keras_lsuv.__version__, 'from', keras_lsuv.__file__)"
 
-# A small slice of examples/deep_thin_nets.py (about 1.5 minutes on 2 CPU cores).
+# A small slice of examples/deep_thin_nets.py (1 to 1.5 minutes on 2 CPU cores).
 study-quick: $(STAMP)
 	KERAS_BACKEND=jax $(BIN)/python examples/deep_thin_nets.py --quick
 

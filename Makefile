@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BACKENDS := tensorflow jax torch
 LINTED := keras_lsuv tests examples benchmarks scripts
 
-.PHONY: demo test lint docs unit distribution package bench-quick bench clean
+.PHONY: demo test lint docs unit distribution package bench-quick bench study-quick study clean
 
 $(STAMP): setup.cfg pyproject.toml requirements/dev.txt requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 # Lint, docs, the suite once per backend (separate processes), distribution tests, the wheel smoke test,
-# then a benchmark smoke run.
-test: lint docs unit distribution package bench-quick
+# then a benchmark smoke run and a slice of the study.
+test: lint docs unit distribution package bench-quick study-quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
@@ -60,6 +60,14 @@ bench-quick: $(STAMP)
 # The full benchmark (under 10 minutes on 2 CPU cores): prints the report and writes docs/benchmarks.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+# A small slice of examples/deep_thin_nets.py (1 to 1.5 minutes on 2 CPU cores).
+study-quick: $(STAMP)
+	KERAS_BACKEND=jax $(BIN)/python examples/deep_thin_nets.py --quick
+
+# The full study behind docs/results.md (about 20 minutes on 2 CPU cores); rewrites the plots in docs/img.
+study: $(STAMP)
+	KERAS_BACKEND=jax $(BIN)/python examples/deep_thin_nets.py --results-json build/study.json --plots-dir docs/img
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info

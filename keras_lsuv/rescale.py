@@ -30,13 +30,7 @@ class Criterion:
 
 def variance(x: Any) -> float:
     """One scalar variance over the whole tensor, computed in float32."""
-    return variances(x)[0]
-
-
-def variances(*tensors: Any) -> list[float]:
-    """The variance of each tensor, brought to the host together (one device sync)."""
-    stacked = ops.stack([ops.var(ops.cast(t, "float32")) for t in tensors])
-    return [float(v) for v in ops.convert_to_numpy(stacked)]
+    return float(ops.convert_to_numpy(ops.var(ops.cast(x, "float32"))))
 
 
 def find_scale(target: Target, variance_at: Callable[[float], float], criterion: Criterion) -> LayerRecord:
@@ -93,4 +87,4 @@ def find_scale(target: Target, variance_at: Callable[[float], float], criterion:
 
 def scale_kernel(kernel: keras.Variable, original: Any, scale: float) -> None:
     """Sets `kernel` to `original * scale` (from the unscaled values, so rescales do not accumulate error)."""
-    kernel.assign(ops.cast(ops.multiply(ops.cast(original, "float32"), scale), kernel.dtype))
+    kernel.assign(ops.multiply(original, scale))

@@ -69,9 +69,12 @@ class Target:
         return type(self.layer).call.__module__.startswith("keras.")
 
     def bias_term(self, like: Any) -> Any:
-        """The bias as it is added to the pre-activation output `like` (float32), or `None`."""
+        """The bias as it is added to the pre-activation output `like` (float32), or `None` if absent or all zero.
+
+        A zero bias (the usual fresh initialization) lets the engine skip the bias arithmetic on the whole output.
+        """
         bias = getattr(self.layer, "bias", None)
-        if bias is None:
+        if bias is None or not np.any(ops.convert_to_numpy(bias)):
             return None
         bias = ops.cast(bias, "float32")
         if getattr(self.layer, "data_format", "channels_last") == "channels_first":

@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.report import LayerRecord
-from keras_lsuv.rescale import Criterion, find_scale, scale_kernel, variance, variances
+from keras_lsuv.rescale import Criterion, find_scale, scale_kernel, variance
 from keras_lsuv.targets import Target, without_activation
 
 
@@ -82,27 +83,17 @@ def _rescale_on_call(
     if not target.is_linear_in_kernel:
         return _rescale_by_reevaluation(target, original_call, args, kwargs, measure, criterion, preactivation)
 
-    # Pre-activation = L + B, with L linear in the kernel and B the bias: scaling the kernel by s gives
-    # s·L + B, so no re-evaluation is needed.
-    z = ops.cast(preactivation, "float32")
+    # Pre-activation z = L + B, with L linear in the kernel and B the bias: scaling the kernel by s gives
+    # s·L + B = s·z + (1 - s)·B, so no re-evaluation is needed.
+    z = ops.cast(preactivation, "float32")  # a no-op for float32
     bias = target.bias_term(z)
-    linear = z if bias is None else ops.subtract(z, bias)
 
     def at_scale(scale: float) -> Any:
-        scaled = ops.multiply(linear, scale)
-        return scaled if bias is None else ops.add(scaled, bias)
+        scaled = ops.multiply(z, scale)
+        return scaled if bias is None else ops.add(scaled, ops.multiply(bias, 1.0 - scale))
 
     if measure == "preactivation":
-        # var(s·L + B) = s²·var(L) + 2s·cov(L, B) + var(B): statistics once, then scalar arithmetic.
-        if bias is None:
-            var_l, var_b, cov_lb = variance(linear), 0.0, 0.0
-        else:
-            # B repeats each bias value equally often, so var(B) is the variance of the bias itself.
-            var_l, var_b, var_z = variances(linear, bias, z)
-            cov_lb = (var_z - var_l - var_b) / 2
-
-        def variance_at(scale: float) -> float:
-            return scale * scale * var_l + 2 * scale * cov_lb + var_b
+        variance_at = _preactivation_variance(z, bias)
     else:
 
         def variance_at(scale: float) -> float:
@@ -113,6 +104,25 @@ def _rescale_on_call(
         return record, activation(preactivation)
     scale_kernel(target.scaled_kernel, target.scaled_kernel.value, record.scale)
     return record, activation(ops.cast(at_scale(record.scale), preactivation.dtype))
+
+
+def _preactivation_variance(z: Any, bias: Any) -> Callable[[float], float]:
+    """`scale -> var(s·(z - B) + B)` from one pass of statistics over `z`; the rest is arithmetic on the host.
+
+    B is constant within each bias group (a channel, for a conv), so by the law of total variance over equal-sized
+    groups: var(s·L + B) = s²·mean(var_g(z)) + var(s·(mean_g(z) - b) + b).
+    """
+    if bias is None:
+        total = variance(z)
+        return lambda scale: scale * scale * total
+    shape = (1,) * (len(z.shape) - len(bias.shape)) + tuple(bias.shape)
+    axes = [axis for axis, size in enumerate(shape) if size == 1]
+    means, within = ops.moments(z, axes, keepdims=True)
+    means, within, b = np.asarray(
+        ops.convert_to_numpy(ops.stack([ops.reshape(t, (-1,)) for t in (means, within, bias)])), dtype="float64"
+    )
+    offset, spread = means - b, float(np.mean(within))
+    return lambda scale: scale * scale * spread + float(np.var(scale * offset + b))
 
 
 def _rescale_by_reevaluation(

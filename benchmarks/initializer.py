@@ -1,6 +1,7 @@
 """Orthonormal vs keras.initializers.Orthogonal (and the paper's SVD construction): draw time per backend.
 
-Run: .venv/bin/python benchmarks/initializer.py [--repeats 5] [--backends tensorflow,jax,torch]
+Run: .venv/bin/python benchmarks/initializer.py [--repeats 5] [--backends tensorflow,jax,torch] [--no-svd]
+     [--shapes 256x256,1024x1024]
 
 Each backend runs in its own process (Keras fixes the backend per process). A draw is timed until its values
 are on the host (convert_to_numpy), after one warm-up draw of the same shape (JAX compiles on the first call).
@@ -68,9 +69,12 @@ def main():
     parser.add_argument("--backends", default="tensorflow,jax,torch")
     parser.add_argument("--quick", action="store_true", help="small shapes, one repeat: checks the script runs")
     parser.add_argument("--no-svd", action="store_true", help="skip the (slow) SVD construction")
+    parser.add_argument("--shapes", help="comma-separated shapes such as 256x256,3x3x64x64 (default: the four above)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     shapes = [(64, 64), (3, 3, 16, 16)] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
     repeats = 1 if args.quick else args.repeats
     if args.worker:
         worker(repeats, shapes, not args.no_svd)
@@ -78,7 +82,7 @@ def main():
     rows = []
     for backend in args.backends.split(","):
         command = [sys.executable, __file__, "--worker", "--repeats", str(repeats)]
-        command += ["--quick"] * args.quick + ["--no-svd"] * args.no_svd
+        command += ["--quick"] * args.quick + ["--no-svd"] * args.no_svd + ["--shapes", args.shapes] * bool(args.shapes)
         env = dict(os.environ, KERAS_BACKEND=backend)
         result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if result.returncode:

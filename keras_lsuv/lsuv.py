@@ -114,16 +114,14 @@ def lsuv_init(
         warnings.warn(f"LSUV: model '{model.name}' has no layer to initialize.", UserWarning, stacklevel=2)
 
     verbose = 1 if verbose == "auto" else verbose
-    progress = keras.utils.Progbar(len(active), verbose=1, unit_name="layer") if verbose == 1 and active else None
+    progress = keras.utils.Progbar(len(active), verbose=int(verbose == 1), unit_name="layer")
     saved = [(kernel, ops.copy(kernel.value)) for t in active for kernel in t.kernels]
     try:
         if orthonormal:
             rng = np.random.default_rng(seed)
             for target in active:
                 redraw_orthonormal(target, rng)
-        report.records = ENGINES[engine](
-            model, batch, targets, measure, criterion, lambda record: progress and progress.add(1)
-        )
+        report.records = ENGINES[engine](model, batch, targets, measure, criterion, lambda _: progress.add(1))
     except BaseException:
         for kernel, value in saved:
             kernel.assign(value)

@@ -36,7 +36,8 @@ def test_every_target_reaches_unit_preactivation_variance(name):
     assert set(measured) == {r.name for r in processed}
     for layer_name, value in measured.items():
         assert abs(value - 1.0) < 0.1, f"{name}: {layer_name} has pre-activation variance {value}"
-        assert report[layer_name].final_variance == pytest.approx(value, rel=1e-3)
+        # The reported variance is the one the layer really has (GPUs convolve float32 in TF32: ~1e-3 apart).
+        assert report[layer_name].final_variance == pytest.approx(value, rel=1e-2)
 
 
 def test_shared_layer_is_processed_once_on_its_first_call():

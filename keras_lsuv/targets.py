@@ -12,6 +12,8 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from keras_lsuv.report import LayerRecord
+
 TARGET_CLASSES = (
     layers.Dense,
     layers.EinsumDense,
@@ -67,6 +69,11 @@ class Target:
         own `call` may be anything, so it is re-evaluated instead.
         """
         return type(self.layer).call.__module__.startswith("keras.")
+
+    def skipped_record(self) -> LayerRecord:
+        """The record of a target LSUV left alone: its skip reason, or that the forward pass never reached it."""
+        reason = self.skip_reason or "not reached by the forward pass"
+        return LayerRecord(self.layer.name, type(self.layer).__name__, reason=reason)
 
     def bias_term(self, like: Any) -> Any:
         """The bias as it is added to the pre-activation output `like` (float32), or `None` if absent or all zero.

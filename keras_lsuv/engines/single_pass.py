@@ -39,7 +39,7 @@ def run_single_pass(
             if pending.pop(id(target.layer), None) is None:
                 return original_call(*args, **kwargs)  # a shared layer's later calls run as they are
             if target.skip_reason:
-                records.append(LayerRecord(target.layer.name, type(target.layer).__name__, reason=target.skip_reason))
+                records.append(target.skipped_record())
                 return original_call(*args, **kwargs)
             record, output = _rescale_on_call(target, original_call, args, kwargs, measure, criterion)
             records.append(record)
@@ -50,9 +50,7 @@ def run_single_pass(
 
     with _intercepted_calls(targets, first_call), inference_mode():
         model(batch, training=False)
-    for target in pending.values():
-        reason = target.skip_reason or "not reached by the forward pass"
-        records.append(LayerRecord(target.layer.name, type(target.layer).__name__, reason=reason))
+    records += [target.skipped_record() for target in pending.values()]
     return records
 
 

@@ -44,8 +44,8 @@ def run_submodel(
                 records.append(_rescale_with_submodel(by_layer.pop(id(layer)), graph, graph_batch, measure, criterion))
                 if not records[-1].skipped:
                     on_record(records[-1])
-            elif find_targets(layer):
-                inner = find_targets(layer)[0].layer
+            elif inside := find_targets(layer):
+                inner = inside[0].layer
                 raise ValueError(
                     f"engine='submodel' cannot reach layer '{inner.name}' inside '{layer.name}' "
                     f"({type(layer).__name__}): it is not a node of a Functional graph. Use engine='single_pass'."
@@ -53,9 +53,7 @@ def run_submodel(
 
     with inference_mode():
         visit(model, batch)
-    for target in by_layer.values():
-        reason = target.skip_reason or "not reached by the forward pass"
-        records.append(LayerRecord(target.layer.name, type(target.layer).__name__, reason=reason))
+    records += [target.skipped_record() for target in by_layer.values()]
     return records
 
 
@@ -72,7 +70,7 @@ def _rescale_with_submodel(
 ) -> LayerRecord:
     layer = target.layer
     if target.skip_reason:
-        return LayerRecord(layer.name, type(layer).__name__, reason=target.skip_reason)
+        return target.skipped_record()
     submodel = keras.Model(graph.inputs, layer.output)
     kernel = target.scaled_kernel
     original = ops.copy(kernel.value)

@@ -28,11 +28,6 @@ class Criterion:
     max_iterations: int = 10
 
 
-def variance(x: Any) -> float:
-    """One scalar variance over the whole tensor, computed in float32."""
-    return float(ops.convert_to_numpy(ops.var(ops.cast(x, "float32"))))
-
-
 def find_scale(target: Target, variance_at: Callable[[float], float], criterion: Criterion) -> LayerRecord:
     """Runs LSUV's loop: while `|var - target| >= tol` and fewer than `T_max` rescales, `scale *= sqrt(target / var)`.
 

@@ -18,7 +18,8 @@ from keras import ops
 
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.report import LayerRecord
-from keras_lsuv.rescale import Criterion, find_scale, scale_kernel, variance
+from keras_lsuv.rescale import Criterion, find_scale, scale_kernel
+from keras_lsuv.statistics import moments, variance
 from keras_lsuv.targets import Target, without_activation
 
 
@@ -105,22 +106,12 @@ def _rescale_on_call(
 
 
 def _preactivation_variance(z: Any, bias: Any) -> Callable[[float], float]:
-    """`scale -> var(s·(z - B) + B)` from one pass of statistics over `z`; the rest is arithmetic on the host.
-
-    B is constant within each bias group (a channel, for a conv), so by the law of total variance over equal-sized
-    groups: var(s·L + B) = s²·mean(var_g(z)) + var(s·(mean_g(z) - b) + b).
-    """
+    """`scale -> var(s·(z - B) + B)` from one reduction of `z` to per-bias-group moments, then host arithmetic."""
     if bias is None:
-        total = variance(z)
-        return lambda scale: scale * scale * total
-    shape = (1,) * (len(z.shape) - len(bias.shape)) + tuple(bias.shape)
-    axes = [axis for axis, size in enumerate(shape) if size == 1]
-    means, within = ops.moments(z, axes, keepdims=True)
-    means, within, b = np.asarray(
-        ops.convert_to_numpy(ops.stack([ops.reshape(t, (-1,)) for t in (means, within, bias)])), dtype="float64"
-    )
-    offset, spread = means - b, float(np.mean(within))
-    return lambda scale: scale * scale * spread + float(np.var(scale * offset + b))
+        return moments(z).variance
+    stats = moments(z, tuple(bias.shape))
+    offsets = np.asarray(ops.convert_to_numpy(bias), dtype="float64").reshape(-1)
+    return lambda scale: stats.variance(scale, offsets)
 
 
 def _rescale_by_reevaluation(

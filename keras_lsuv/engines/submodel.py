@@ -15,7 +15,8 @@ from keras import ops
 
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.report import LayerRecord
-from keras_lsuv.rescale import Criterion, find_scale, scale_kernel, variance
+from keras_lsuv.rescale import Criterion, find_scale, scale_kernel
+from keras_lsuv.statistics import variance
 from keras_lsuv.targets import Target, find_targets, without_activation
 
 

@@ -1,0 +1,92 @@
+"""The variance statistics LSUV measures, shared by every engine.
+
+A measured tensor is reduced once, on its device, to per-group moments: the element count, mean and sum of squared
+deviations (M2) of each group of elements that share one bias value (a channel; the whole tensor when there is no
+bias). Fetched to the host in float64, they give every variance LSUV needs by arithmetic alone: the variance over the
+whole tensor, the variance after scaling the kernel (for layers whose output is linear in it), and the variance over
+several tensors (several calls of one layer) merged without keeping them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+from keras import ops
+
+
+@dataclasses.dataclass(frozen=True)
+class Moments:
+    """Per-group moments of a tensor, in float64 on the host.
+
+    Args:
+        count: The number of elements in each group (the same for every group).
+        mean: The mean of each group, shape `(groups,)`.
+        m2: The sum of squared deviations from its mean of each group, shape `(groups,)`.
+
+    Example:
+
+    >>> stats = moments(z)                 # one group: the whole tensor
+    >>> stats.variance()                   # the same as np.var(z)
+    >>> stats.merge(moments(z2)).variance()  # the variance over z and z2 together
+    """
+
+    count: float
+    mean: np.ndarray
+    m2: np.ndarray
+
+    def merge(self, other: Moments) -> Moments:
+        """The moments of both tensors' elements together (Chan et al.'s pairwise update), group by group."""
+        if self.mean.shape != other.mean.shape:
+            raise ValueError(f"Cannot merge moments of {self.mean.shape} and {other.mean.shape} groups.")
+        count = self.count + other.count
+        if count == 0:
+            return self
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / count)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / count)
+        return Moments(count, mean, m2)
+
+    def variance(self, scale: float = 1.0, bias: np.ndarray | None = None) -> float:
+        """The variance over all elements of `scale * (z - b) + b`, with `b` the per-group `bias` (0 if `None`).
+
+        For a layer whose pre-activation is `z = L + b` with `L` linear in the kernel, this is the pre-activation
+        variance after multiplying the kernel by `scale`. By the law of total variance over equal-sized groups:
+        `var = scale² · mean_g(var_g) + var_g(scale · (mean_g - b) + b)`.
+        """
+        offset = 0.0 if bias is None else bias
+        means = scale * (self.mean - offset) + offset
+        within = scale * scale * float(np.sum(self.m2))
+        between = self.count * float(np.sum(np.square(means - np.mean(means))))
+        return (within + between) / (self.count * self.mean.size)
+
+
+def moments(z: Any, groups: tuple[int, ...] | None = None) -> Moments:
+    """Reduces `z` to per-group moments with one device reduction and one host fetch.
+
+    Args:
+        z: The tensor measured (any float dtype; reduced in float32).
+        groups: The shape of the per-group values, broadcastable against `z` and aligned with its last axes, as a
+            bias is (e.g. `(channels,)`, or `(1, channels, 1, 1)` for channels-first); `None` for one group.
+
+    Returns:
+        The `Moments` of `z`. They are NaN or Inf when `z` is not finite.
+    """
+    z = ops.cast(z, "float32")
+    rank = len(z.shape)
+    shape = (1,) * rank if groups is None else (1,) * (rank - len(groups)) + tuple(groups)
+    axes = [axis for axis, size in enumerate(shape) if size == 1]
+    # Two passes (the mean, then squared deviations from it): E[z²] - E[z]² loses the variance in float32
+    # when the mean is large against the spread.
+    mean = ops.mean(z, axis=axes, keepdims=True)
+    m2 = ops.sum(ops.square(ops.subtract(z, mean)), axis=axes)
+    mean, m2 = np.asarray(ops.convert_to_numpy(ops.stack([ops.reshape(mean, (-1,)), ops.reshape(m2, (-1,))])))
+    count = math.prod(int(size) for size in z.shape) / mean.size
+    return Moments(float(count), mean.astype("float64"), m2.astype("float64"))
+
+
+def variance(z: Any) -> float:
+    """One scalar variance over the whole tensor `z`, as the paper measures it."""
+    return moments(z).variance()

@@ -1,0 +1,55 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_lsuv.statistics import moments, variance
+
+
+def sample(shape, seed, loc=0.0):
+    return np.random.default_rng(seed).normal(loc, 2.0, shape).astype("float32")
+
+
+def test_variance_is_the_variance_of_every_element():
+    z = sample((64, 5, 7), 0, loc=3.0)
+    assert variance(keras.ops.convert_to_tensor(z)) == pytest.approx(np.var(z.astype("float64")), rel=1e-5)
+
+
+@pytest.mark.parametrize("groups", [(7,), (5, 7), (1, 5, 1)])
+def test_grouped_moments_give_the_variance_at_any_kernel_scale(groups):
+    z = sample((64, 5, 7), 1)
+    bias = np.random.default_rng(2).normal(0.0, 3.0, groups)
+    stats = moments(keras.ops.convert_to_tensor(z), groups)
+    assert stats.mean.size == np.prod(groups)
+    for scale in (1.0, 0.25, 3.0):
+        expected = np.var(scale * (z.astype("float64") - bias) + bias)
+        assert stats.variance(scale, bias.reshape(-1)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_large_mean_keeps_the_variance_in_float32():
+    z = sample((256, 16), 3, loc=1000.0)  # E[z²] - E[z]² would lose most digits here
+    assert variance(keras.ops.convert_to_tensor(z)) == pytest.approx(np.var(z.astype("float64")), rel=1e-4)
+
+
+@pytest.mark.parametrize("groups", [None, (6,)])
+def test_merged_moments_equal_the_moments_of_the_concatenation(groups):
+    parts = [sample((n, 6), seed, loc=seed) for seed, n in enumerate((10, 33, 1))]
+    merged = moments(keras.ops.convert_to_tensor(parts[0]), groups)
+    for part in parts[1:]:
+        merged = merged.merge(moments(keras.ops.convert_to_tensor(part), groups))
+    whole = moments(keras.ops.convert_to_tensor(np.concatenate(parts)), groups)
+    assert merged.count == whole.count
+    np.testing.assert_allclose(merged.mean, whole.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(merged.m2, whole.m2, rtol=1e-4)
+    assert merged.variance() == pytest.approx(np.var(np.concatenate(parts).astype("float64")), rel=1e-5)
+
+
+def test_merging_different_groupings_is_refused():
+    z = keras.ops.convert_to_tensor(sample((8, 6), 4))
+    with pytest.raises(ValueError, match="Cannot merge"):
+        moments(z).merge(moments(z, (6,)))
+
+
+def test_non_finite_values_give_non_finite_variance():
+    z = sample((8, 4), 5)
+    z[3, 1] = np.nan
+    assert not np.isfinite(variance(keras.ops.convert_to_tensor(z)))

@@ -109,7 +109,8 @@ def _to_tensor(leaf: Any) -> Any:
 
 
 def _check_against_model_inputs(model: keras.Model, batch: Any) -> None:
-    inputs = getattr(model, "inputs", None)
+    # An unbuilt Sequential has no inputs (AttributeError, or ValueError before Keras 3.7).
+    inputs = getattr(model, "inputs", None) if model.built else None
     if not inputs:
         return  # subclassed or unbuilt: the model's call checks its own inputs
     if isinstance(batch, dict):

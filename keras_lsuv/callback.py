@@ -67,7 +67,7 @@ class LSUVCallback(keras.callbacks.Callback):
         super().__init__()
         check_options(target_variance, tolerance, max_iterations, measure, engine, verbose, num_samples)
         self.x = x
-        self.options = {
+        self.options: dict[str, Any] = {
             "target_variance": target_variance,
             "tolerance": tolerance,
             "max_iterations": max_iterations,

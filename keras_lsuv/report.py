@@ -120,7 +120,7 @@ class LSUVReport:
 
     def _rows(self) -> list[tuple[LayerRecord, tuple[str, ...]]]:
         """Each record with its table cells, in `TABLE_HEADER`'s order."""
-        rows = []
+        rows: list[tuple[LayerRecord, tuple[str, ...]]] = []
         for r in self.records:
             if r.skipped:
                 status, initial, final = f"skipped: {r.reason}", "-", "-"
@@ -203,22 +203,21 @@ class LSUVReport:
             alpha=0.2,
             label=f"target {self.target_variance:g} ± {self.tolerance:g}",
         )
-        processed = [(i, r) for i, r in enumerate(self.records) if not r.skipped]
+        # (position, before, after, converged) of each processed layer.
+        processed = [
+            (i, r.initial_variance, r.final_variance, r.converged)
+            for i, r in enumerate(self.records)
+            if r.initial_variance is not None and r.final_variance is not None
+        ]
         for converged, color, label in ((True, "tab:blue", "converged"), (False, "tab:red", "not converged")):
-            points = [(i, r) for i, r in processed if r.converged == converged]
+            points = [(i, before, after) for i, before, after, done in processed if done == converged]
             if not points:
                 continue
-            xs = [i for i, _ in points]
-            ax.scatter(
-                xs,
-                [r.initial_variance for _, r in points],
-                facecolors="none",
-                edgecolors=color,
-                label=f"before ({label})",
-            )
-            ax.scatter(xs, [r.final_variance for _, r in points], color=color, label=f"after ({label})")
-            for i, r in points:
-                ax.plot([i, i], [r.initial_variance, r.final_variance], color=color, alpha=0.4, linewidth=1)
+            xs, befores, afters = zip(*points, strict=True)
+            ax.scatter(xs, befores, facecolors="none", edgecolors=color, label=f"before ({label})")
+            ax.scatter(xs, afters, color=color, label=f"after ({label})")
+            for i, before, after in points:
+                ax.plot([i, i], [before, after], color=color, alpha=0.4, linewidth=1)
         skipped = [i for i, r in enumerate(self.records) if r.skipped]
         if skipped:
             ax.scatter(

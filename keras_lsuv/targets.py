@@ -68,7 +68,7 @@ class Target:
         rescale is known without calling the layer again. A subclass with its
         own `call` may be anything, so it is re-evaluated instead.
         """
-        return type(self.layer).call.__module__.startswith("keras.")
+        return bool(type(self.layer).call.__module__.startswith("keras."))
 
     def skipped_record(self) -> LayerRecord:
         """The record of a target LSUV left alone: its skip reason, or that the forward pass never reached it."""

@@ -159,3 +159,17 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # makes `import matplotlib.pyplot` fail
     with pytest.raises(ImportError, match=r"keras-lsuv\[plot\]"):
         LSUVReport().plot()
+
+
+def test_report_figure_script_draws_the_guide_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "report_figure.py"
+    spec = importlib.util.spec_from_file_location("report_figure", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--output", str(tmp_path / "report.png")])
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -105,4 +105,4 @@ study: $(STAMP)
 	KERAS_BACKEND=jax $(BIN)/python examples/deep_thin_nets.py --results-json build/study.json --plots-dir docs/img
 
 clean:
-	rm -rf $(VENV) build dist site *.egg-info
+	rm -rf $(VENV) build dist site *.egg-info .mypy_cache .coverage

@@ -47,6 +47,8 @@ class LSUVCallback(keras.callbacks.Callback):
 
     Attributes:
         report: The `LSUVReport` of the run, `None` before training starts.
+            It is not put into `fit`'s `logs` (Keras hands `on_train_begin`
+            logs to no logger); log `report.to_dict()` after `fit` instead.
     """
 
     def __init__(

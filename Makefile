@@ -5,8 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BACKENDS := tensorflow jax torch
 LINTED := keras_lsuv tests examples benchmarks scripts
+# The backend whose unit run measures coverage, and the floor it must meet (percent of keras_lsuv's lines).
+COVERAGE_BACKEND := jax
+COVERAGE_FLOOR := 95
+# `make test-min`: a fresh venv with the lowest versions setup.cfg declares, and the backend it runs.
+MIN := build/min
+MIN_BACKEND := jax
 
-.PHONY: demo test lint docs unit distribution package bench-quick bench study-quick study clean
+.PHONY: demo test lint typecheck docs unit distribution package test-min report-figure bench-quick bench study-quick \
+	study clean
 
 $(STAMP): setup.cfg pyproject.toml requirements/dev.txt requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,22 +24,30 @@ $(STAMP): setup.cfg pyproject.toml requirements/dev.txt requirements/constraints
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-# Lint, docs, the suite once per backend (separate processes), distribution tests, the wheel smoke test,
-# then a benchmark smoke run and a slice of the study.
-test: lint docs unit distribution package bench-quick study-quick
+# Lint, type check, docs, the suite once per backend (separate processes, with coverage on one), distribution
+# tests, the wheel smoke test and twine check, the suite on the lowest declared versions, then a benchmark smoke
+# run and a slice of the study.
+test: lint typecheck docs unit distribution package test-min bench-quick study-quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
 
+# mypy, strict on keras_lsuv (configured in setup.cfg).
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir build/site
 
+# The COVERAGE_BACKEND run also reports keras_lsuv's line coverage and fails below COVERAGE_FLOOR.
 unit: $(STAMP)
 	@failed=""; for backend in $(BACKENDS); do \
 		echo "=== pytest, KERAS_BACKEND=$$backend"; \
+		coverage=""; if [ $$backend = $(COVERAGE_BACKEND) ]; then \
+			coverage="--cov=keras_lsuv --cov-report=term-missing:skip-covered --cov-fail-under=$(COVERAGE_FLOOR)"; fi; \
 		KERAS_BACKEND=$$backend $(BIN)/python -m pytest tests -p no:cacheprovider -q \
-			--ignore=tests/distribution || failed="$$failed $$backend"; \
+			--ignore=tests/distribution $$coverage || failed="$$failed $$backend"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "FAILED backends:$$failed"; exit 1; fi
 
@@ -46,6 +61,8 @@ distribution: $(STAMP)
 package: $(STAMP)
 	rm -rf dist build/smoke && mkdir -p build
 	$(BIN)/python -m build --outdir dist . > build/package.log 2>&1 || (cat build/package.log; exit 1)
+	# Metadata and README rendering, checked as PyPI would.
+	$(BIN)/twine check --strict dist/*
 	$(PYTHON) -m venv build/smoke
 	# With its [jax] extra, the lightest of the three backends to install.
 	build/smoke/bin/python -m pip install -q -c requirements/constraints.txt "$$(ls dist/*.whl)[jax]"
@@ -53,6 +70,23 @@ package: $(STAMP)
 		w = keras.ops.convert_to_numpy(keras_lsuv.Orthonormal(seed=0)((8, 4))); \
 		assert abs((w.T @ w) - __import__('numpy').eye(4)).max() < 1e-5; \
 		print('wheel smoke test: keras_lsuv', keras_lsuv.__version__, 'from', keras_lsuv.__file__)"
+
+# The unit suite in a fresh venv holding the lowest keras, numpy and MIN_BACKEND versions setup.cfg declares
+# (installed from PyPI): fails the moment a lower bound stops being true. The test tools are not pinned; the files
+# that need torch, TensorFlow, scikit-learn or mnist1d are left out or skip.
+test-min: $(STAMP)
+	rm -rf $(MIN) && mkdir -p build
+	$(BIN)/python scripts/lowest_requirements.py $(MIN_BACKEND) > build/min-constraints.txt
+	$(PYTHON) -m venv $(MIN)
+	$(MIN)/bin/python -m pip install -q -c build/min-constraints.txt ".[$(MIN_BACKEND)]" pytest hypothesis
+	KERAS_BACKEND=$(MIN_BACKEND) $(MIN)/bin/python -c "import keras, numpy; \
+		print('test-min: keras', keras.__version__, 'numpy', numpy.__version__, 'on', keras.backend.backend())"
+	KERAS_BACKEND=$(MIN_BACKEND) $(MIN)/bin/python -m pytest tests -p no:cacheprovider -q \
+		--ignore=tests/distribution --ignore=tests/test_data.py --ignore=tests/test_examples.py
+
+# Rewrites docs/img/report.png, the LSUVReport.plot() figure of docs/guide.md.
+report-figure: $(STAMP)
+	KERAS_BACKEND=jax $(BIN)/python scripts/report_figure.py
 
 # Every benchmark section on tiny models, one repetition per backend: checks benchmarks/run.py runs (writes nothing).
 bench-quick: $(STAMP)
@@ -71,4 +105,4 @@ study: $(STAMP)
 	KERAS_BACKEND=jax $(BIN)/python examples/deep_thin_nets.py --results-json build/study.json --plots-dir docs/img
 
 clean:
-	rm -rf $(VENV) build dist site *.egg-info
+	rm -rf $(VENV) build dist site *.egg-info .mypy_cache .coverage

@@ -47,6 +47,8 @@ class LSUVCallback(keras.callbacks.Callback):
 
     Attributes:
         report: The `LSUVReport` of the run, `None` before training starts.
+            It is not put into `fit`'s `logs` (Keras hands `on_train_begin`
+            logs to no logger); log `report.to_dict()` after `fit` instead.
     """
 
     def __init__(
@@ -67,7 +69,7 @@ class LSUVCallback(keras.callbacks.Callback):
         super().__init__()
         check_options(target_variance, tolerance, max_iterations, measure, engine, verbose, num_samples)
         self.x = x
-        self.options = {
+        self.options: dict[str, Any] = {
             "target_variance": target_variance,
             "tolerance": tolerance,
             "max_iterations": max_iterations,

@@ -36,9 +36,9 @@ def prepare_batch(model: keras.Model, x: Any, num_samples: int = DEFAULT_NUM_SAM
     batch = draw_samples(x, num_samples)
     leaves = keras.tree.flatten(batch)
     tensors = [_to_tensor(leaf) for leaf in leaves]
-    sizes = {int(t.shape[0]) if len(t.shape) else None for t in tensors}
-    if None in sizes:
+    if any(len(t.shape) == 0 for t in tensors):
         raise ValueError("Every input of the LSUV batch needs a batch dimension; got a scalar.")
+    sizes = {int(t.shape[0]) for t in tensors}
     if len(sizes) > 1:
         raise ValueError(f"The inputs of the LSUV batch have different batch sizes: {sorted(sizes)}.")
     if sizes == {0}:
@@ -109,7 +109,8 @@ def _to_tensor(leaf: Any) -> Any:
 
 
 def _check_against_model_inputs(model: keras.Model, batch: Any) -> None:
-    inputs = getattr(model, "inputs", None)
+    # An unbuilt Sequential has no inputs (AttributeError, or ValueError before Keras 3.7).
+    inputs = getattr(model, "inputs", None) if model.built else None
     if not inputs:
         return  # subclassed or unbuilt: the model's call checks its own inputs
     if isinstance(batch, dict):
@@ -125,9 +126,9 @@ def _check_against_model_inputs(model: keras.Model, batch: Any) -> None:
     if len(leaves) != len(inputs):
         raise ValueError(f"The model has {len(inputs)} input(s) but the LSUV batch has {len(leaves)} array(s).")
     for leaf, symbolic in zip(leaves, inputs, strict=True):
-        expected, got = tuple(symbolic.shape[1:]), tuple(leaf.shape[1:])
-        if len(expected) != len(got) or any(e is not None and e != g for e, g in zip(expected, got, strict=True)):
+        shape, got = tuple(symbolic.shape[1:]), tuple(leaf.shape[1:])
+        if len(shape) != len(got) or any(e is not None and e != g for e, g in zip(shape, got, strict=True)):
             raise ValueError(
                 f"The LSUV batch does not match the model's input '{symbolic.name}': expected samples of "
-                f"shape {expected}, got {got}."
+                f"shape {shape}, got {got}."
             )

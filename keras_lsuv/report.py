@@ -1,8 +1,15 @@
-"""What an LSUV run did: one record per layer, and a readable table."""
+"""What an LSUV run did: one record per layer, as a table, an HTML table, a plot or a plain dict."""
 
 from __future__ import annotations
 
 import dataclasses
+import html
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+TABLE_HEADER = ("layer", "class", "initial var", "final var", "iters", "scale", "status")
 
 
 @dataclasses.dataclass
@@ -55,6 +62,10 @@ class LSUVReport:
     >>> report = keras_lsuv.lsuv_init(model, x, verbose=0)
     >>> print(report)                     # a per-layer table
     >>> report.records[0].final_variance  # close to 1.0
+    >>> json.dumps(report.to_dict())      # for an experiment logger
+    >>> report.plot()                     # variance per layer (needs matplotlib)
+
+    In Jupyter the report displays as an HTML table.
     """
 
     records: list[LayerRecord] = dataclasses.field(default_factory=list)
@@ -75,24 +86,168 @@ class LSUVReport:
                 return record
         raise KeyError(f"No LSUV record for a layer named {name!r}.")
 
-    def __str__(self) -> str:
-        if self.skipped_reason:
-            return f"LSUV skipped: {self.skipped_reason}"
-        header = ("layer", "class", "initial var", "final var", "iters", "scale", "status")
-        rows = [header]
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain Python types (dicts, lists, str, float, int, bool, None), e.g. for `json.dumps`.
+
+        Every field of the report and of its `LayerRecord`s is included, so
+        `LSUVReport.from_dict(report.to_dict()) == report`.
+
+        Returns:
+            A dict with the report's fields; `"records"` is a list of dicts,
+            one per layer.
+        """
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LSUVReport:
+        """Rebuilds a report from `to_dict()`'s output (e.g. after a JSON round trip).
+
+        Args:
+            data: A dict as returned by `to_dict()`. Fields it lacks take
+                their defaults.
+
+        Returns:
+            The `LSUVReport`.
+
+        Raises:
+            ValueError: If `data` or one of its records has a key that is not
+                a field, or a record lacks `name` or `class_name`.
+        """
+        data = dict(data)
+        records = [_record_from_dict(record) for record in data.pop("records", [])]
+        _check_keys(data, cls, "the report")
+        return cls(records=records, **data)
+
+    def _rows(self) -> list[tuple[LayerRecord, tuple[str, ...]]]:
+        """Each record with its table cells, in `TABLE_HEADER`'s order."""
+        rows: list[tuple[LayerRecord, tuple[str, ...]]] = []
         for r in self.records:
             if r.skipped:
                 status, initial, final = f"skipped: {r.reason}", "-", "-"
             else:
                 status = "ok" if r.converged else f"NOT CONVERGED: {r.reason}"
                 initial, final = f"{r.initial_variance:.4g}", f"{r.final_variance:.4g}"
-            rows.append((r.name, r.class_name, initial, final, str(r.iterations), f"{r.scale:.4g}", status))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1] for row in rows]
+            rows.append((r, (r.name, r.class_name, initial, final, str(r.iterations), f"{r.scale:.4g}", status)))
+        return rows
+
+    def _summary(self) -> str:
         processed = [r for r in self.records if not r.skipped]
         converged = sum(r.converged for r in processed)
-        lines.append(
+        return (
             f"LSUV ({self.engine}, {self.measure}, target {self.target_variance:g} ± {self.tolerance:g}): "
             f"{converged}/{len(processed)} layers converged, {len(self.records) - len(processed)} skipped"
         )
+
+    def __str__(self) -> str:
+        if self.skipped_reason:
+            return f"LSUV skipped: {self.skipped_reason}"
+        rows = [TABLE_HEADER] + [cells for _, cells in self._rows()]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEADER) - 1)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1] for row in rows]
+        lines.append(self._summary())
         return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        """The table as HTML, for Jupyter: the same columns as `str(report)`, rows not converged highlighted."""
+        if self.skipped_reason:
+            return f"<p><b>LSUV skipped:</b> {html.escape(self.skipped_reason)}</p>"
+        header = "".join(f"<th>{html.escape(c)}</th>" for c in TABLE_HEADER)
+        body = []
+        for record, cells in self._rows():
+            style = "" if record.skipped or record.converged else ' style="background-color: #fdd"'
+            row = "".join(f"<td>{html.escape(c)}</td>" for c in cells)
+            body.append(f"<tr{style}>{row}</tr>")
+        return (
+            f'<table class="lsuv-report"><caption>{html.escape(self._summary())}</caption>'
+            f"<thead><tr>{header}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        )
+
+    def plot(self, ax: Axes | None = None) -> Axes:
+        """Draws each layer's variance before and after LSUV on a log scale.
+
+        Layers are on the x axis in processing order. Open circles are the
+        variances before rescaling, filled dots after; the band
+        `target_variance ± tolerance` is shaded. Layers that did not converge
+        are drawn in red, skipped layers are marked with a grey cross at the
+        bottom of the axes.
+
+        Needs matplotlib: `pip install "keras-lsuv[plot]"`.
+
+        Example:
+
+        >>> ax = report.plot()
+        >>> ax.figure.savefig("lsuv.png")
+
+        Args:
+            ax: The matplotlib `Axes` to draw on; by default a new figure's.
+
+        Returns:
+            The `Axes` drawn on.
+
+        Raises:
+            ImportError: If matplotlib is not installed.
+        """
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as error:
+            raise ImportError(
+                'LSUVReport.plot needs matplotlib: pip install "keras-lsuv[plot]" (or pip install matplotlib).'
+            ) from error
+        if ax is None:
+            _, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(self.records) + 2.0), 3.5))
+        low = self.target_variance - self.tolerance
+        ax.axhspan(
+            low if low > 0 else self.target_variance / 10,
+            self.target_variance + self.tolerance,
+            color="tab:green",
+            alpha=0.2,
+            label=f"target {self.target_variance:g} ± {self.tolerance:g}",
+        )
+        # (position, before, after, converged) of each processed layer.
+        processed = [
+            (i, r.initial_variance, r.final_variance, r.converged)
+            for i, r in enumerate(self.records)
+            if r.initial_variance is not None and r.final_variance is not None
+        ]
+        for converged, color, label in ((True, "tab:blue", "converged"), (False, "tab:red", "not converged")):
+            points = [(i, before, after) for i, before, after, done in processed if done == converged]
+            if not points:
+                continue
+            xs, befores, afters = zip(*points, strict=True)
+            ax.scatter(xs, befores, facecolors="none", edgecolors=color, label=f"before ({label})")
+            ax.scatter(xs, afters, color=color, label=f"after ({label})")
+            for i, before, after in points:
+                ax.plot([i, i], [before, after], color=color, alpha=0.4, linewidth=1)
+        skipped = [i for i, r in enumerate(self.records) if r.skipped]
+        if skipped:
+            ax.scatter(
+                skipped,
+                [0.02] * len(skipped),
+                marker="x",
+                color="grey",
+                label="skipped",
+                transform=ax.get_xaxis_transform(),
+                clip_on=False,
+            )
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(self.records)))
+        ax.set_xticklabels([r.name for r in self.records], rotation=90, fontsize=7)
+        ax.set_ylabel(f"variance ({self.measure})")
+        ax.set_title(self._summary(), fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+        return ax
+
+
+def _check_keys(data: dict[str, Any], cls: type, what: str) -> None:
+    unknown = sorted(set(data) - {field.name for field in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"LSUVReport.from_dict: {what} has unknown keys {unknown}; expected those of to_dict().")
+
+
+def _record_from_dict(data: dict[str, Any]) -> LayerRecord:
+    _check_keys(data, LayerRecord, "a record")
+    missing = [key for key in ("name", "class_name") if key not in data]
+    if missing:
+        raise ValueError(f"LSUVReport.from_dict: a record lacks the keys {missing}: {data!r}.")
+    return LayerRecord(**data)

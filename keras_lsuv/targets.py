@@ -68,7 +68,7 @@ class Target:
         rescale is known without calling the layer again. A subclass with its
         own `call` may be anything, so it is re-evaluated instead.
         """
-        return type(self.layer).call.__module__.startswith("keras.")
+        return bool(type(self.layer).call.__module__.startswith("keras."))
 
     def skipped_record(self) -> LayerRecord:
         """The record of a target LSUV left alone: its skip reason, or that the forward pass never reached it."""
@@ -115,8 +115,10 @@ def _skip_reason(layer: keras.layers.Layer) -> str | None:
         return "LoRA enabled: the kernel is computed, not a plain variable"
     if getattr(layer, "quantization_mode", None):
         return f"quantized ({layer.quantization_mode}): the kernel is not a plain float variable"
-    kernels = Target(layer).kernels
-    if not all(isinstance(k, keras.Variable) for k in kernels):
+    # A plain kernel is one of the layer's own weights. (`isinstance(k, keras.Variable)` would be the direct test,
+    # but before Keras 3.7 `keras.Variable` is a subclass of the backend's variable class, not its base.)
+    weights = {id(w) for w in layer.weights}
+    if not all(id(k) in weights for k in Target(layer).kernels):
         return "the kernel is not a plain variable"
     return None
 

@@ -71,7 +71,8 @@ def mobilenet():
 
 def batch_for(model, n=64, seed=0):
     rng = np.random.default_rng(seed)
-    shape = tuple(model.inputs[0].shape[1:]) if getattr(model, "inputs", None) else (16,)
+    # An unbuilt Sequential has no inputs (AttributeError, or ValueError before Keras 3.7): 16 features then.
+    shape = tuple(model.inputs[0].shape[1:]) if model.built and getattr(model, "inputs", None) else (16,)
     return rng.normal(size=(n, *shape)).astype("float32")
 
 

@@ -111,7 +111,7 @@ def test_dataset_of_dicts_for_a_multi_input_model():
         pytest.param(lambda: tf_data(np.array(["a", "b"] * 8), batch_size=4), "numeric", marks=requires_tf),
         (lambda: iter([X[:10], X[:10, :8]]), "do not fit together"),
         (lambda: iter([X[:10, :8]]), "does not match"),
-        (lambda: [[0.5] * 16] * 4, "must be NumPy arrays"),
+        (lambda: [[0.5] * 16] * 4, "must be arrays or tensors"),
         (lambda: 3.0, "cannot read samples"),
     ],
 )

@@ -84,9 +84,9 @@ def trained_weights_evidence(model: keras.Model) -> str | None:
         A short description of the first moved weight, for warnings.
     """
     for layer, name, constant in _constant_weights(model):
-        values = ops.convert_to_numpy(getattr(layer, name)).astype("float64")
-        if not np.all(values == constant):
-            difference = float(np.max(np.abs(values - constant)))
+        values = ops.convert_to_numpy(getattr(layer, name))
+        if not np.all(values == np.asarray(constant, dtype=values.dtype)):  # the constant as the variable holds it
+            difference = float(np.max(np.abs(values.astype("float64") - constant)))
             return (
                 f"layer '{layer.name}' has a {name} that is no longer its initial {constant:g} "
                 f"(max |difference| {difference:.3g})"

@@ -7,7 +7,7 @@ from typing import Any
 
 import keras
 
-from keras_lsuv.data import DEFAULT_NUM_SAMPLES
+from keras_lsuv.data import DEFAULT_NUM_SAMPLES, check_is_data
 from keras_lsuv.guard import training_evidence
 from keras_lsuv.lsuv import lsuv_init
 from keras_lsuv.options import check_options
@@ -33,7 +33,8 @@ class LSUVCallback(keras.callbacks.Callback):
     >>> print(lsuv.report)
 
     The options are those of `lsuv_init`, checked here so that a bad option
-    fails before training starts.
+    fails before training starts; so is an `x` that is no data at all
+    (`None`, a `str`, a symbolic `keras.Input`).
 
     Args:
         x: Training inputs: arrays, a `tf.data.Dataset`, a `PyDataset`, a
@@ -86,6 +87,7 @@ class LSUVCallback(keras.callbacks.Callback):
             "num_samples": num_samples,
         }
         check_options(**self.options)
+        check_is_data(x)
         self.report: LSUVReport | None = None
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:

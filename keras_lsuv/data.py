@@ -67,12 +67,12 @@ def prepare_batch(model: keras.Model, x: Any, num_samples: int = DEFAULT_NUM_SAM
 
 def draw_samples(x: Any, num_samples: int) -> Any:
     """The first `num_samples` input samples of `x` (arrays are sliced, iterables read batch by batch)."""
-    _check_is_data(x)
+    check_is_data(x)
     leaves = keras.tree.flatten(x)
     if not leaves:
         raise ValueError(f"LSUV needs training inputs, but x holds no arrays: {x!r}.")
     for leaf in leaves:
-        _check_is_data(leaf)
+        check_is_data(leaf)
     if all(_is_array(leaf) for leaf in leaves):
         return keras.tree.map_structure(lambda array: _first_rows(array, num_samples), x)
     if isinstance(x, (list, tuple, dict)):
@@ -126,7 +126,8 @@ def first_sample(batch: Any) -> Any:
     return keras.tree.map_structure(lambda t: t[:1], batch)
 
 
-def _check_is_data(x: Any) -> None:
+def check_is_data(x: Any) -> None:
+    """Raises a `ValueError` if `x` cannot be training data at all: `None`, text or a symbolic tensor."""
     if x is None:
         raise ValueError("LSUV needs training inputs, but x is None.")
     if isinstance(x, (str, bytes)):

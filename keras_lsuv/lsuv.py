@@ -58,9 +58,10 @@ def lsuv_init(
     Args:
         model: A Keras model (Sequential, Functional or subclassed; built or not).
         x: Training inputs, in any form `fit` takes: arrays or backend tensors
-            (a list/tuple/dict of them for several inputs), a `tf.data.Dataset`,
-            a `keras.utils.PyDataset`, a generator or iterator, or a torch
-            `DataLoader`. Elements may be `x`, `(x, y)` or
+            (NumPy ml_dtypes floats, pandas objects, SciPy and TF sparse
+            included; a list/tuple/dict of them for several inputs), a
+            `tf.data.Dataset`, a `keras.utils.PyDataset`, a generator or
+            iterator, or a torch `DataLoader`. Elements may be `x`, `(x, y)` or
             `(x, y, sample_weight)`; only `x` is used. The first `num_samples`
             samples form the LSUV batch.
         target_variance: The output variance to reach (1.0 in the paper).
@@ -76,8 +77,12 @@ def lsuv_init(
             on the input it receives. `"submodel"`: re-runs a sub-model up to
             each layer after every rescale (Functional/Sequential models only;
             slow, kept as the reference).
-        seed: Integer seed for the orthonormal redraw; `None` draws at random.
-        force: Run even if the model's optimizer has already taken steps.
+        seed: Seed of the orthonormal redraw: `None` draws at random, a
+            non-negative integer gives the same kernels on every backend, a
+            `keras.random.SeedGenerator` advances (a new draw each run).
+        force: Run even if the model's optimizer has already taken steps
+            (skipped otherwise), and without the warning given when the
+            weights look trained (biases moved from their initial constant).
         verbose: `"auto"` or 1: a progress bar and the per-layer table;
             2: the table only; 0: silent.
         num_samples: How many samples of `x` to use (default 256): arrays are
@@ -87,9 +92,10 @@ def lsuv_init(
         An `LSUVReport` with one record per target layer.
 
     Raises:
-        ValueError: For bad options, or a batch that is empty, not numeric, not
-            finite or does not match the model's inputs, or a layer whose
-            output becomes non-finite. The model's weights are unchanged then.
+        ValueError: For bad options (each named), bad inputs (each named: see
+            `docs/data.md`), a batch that is empty, not numeric, not finite or
+            does not match the model's inputs, or a layer whose output becomes
+            non-finite. The model's weights are unchanged then.
     """
     criterion = check_options(
         target_variance=target_variance,

@@ -281,3 +281,30 @@ def test_keras_array_slicing_densifies_and_casts_to_floatx(make, expected):
     out = _keras_array_to_numpy(make(), 5)
     assert type(out) is np.ndarray and out.dtype == np.dtype(keras.config.floatx())
     np.testing.assert_array_equal(out, expected.astype("float32"))
+
+
+@pytest.mark.parametrize(
+    "x, message", [(None, "x is None"), ("hello", "x is a str"), (keras.Input((16,)), "symbolic KerasTensor")]
+)
+def test_callback_rejects_what_is_no_data_at_construction(x, message):
+    with pytest.raises(ValueError, match=message):
+        keras_lsuv.LSUVCallback(x)
+
+
+def test_empty_batches_forever_stop_within_the_bound_quickly():
+    import time
+
+    from keras_lsuv.data import MAX_EMPTY_BATCHES
+
+    read = []
+
+    def counting():
+        while True:
+            read.append(1)
+            yield np.zeros((0, 16), "float32")
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="empty batches in a row"):
+        prepare_batch(named_input_mlp(), counting())
+    assert len(read) == MAX_EMPTY_BATCHES
+    assert time.perf_counter() - start < 5  # a bound on hanging, not a benchmark

@@ -100,6 +100,8 @@ def _read_iterable(x: Any, num_samples: int) -> Any:
                 f"The {name} given to LSUV yields {kinds or 'nothing'}, not batches of arrays: each element must "
                 "be x, (x, y) or (x, y, sample_weight) with arrays that have a batch dimension."
             )
+        if any(_is_ragged(leaf) for leaf in leaves):
+            raise ValueError(_ragged_message("LSUV", "it takes ragged data only as one tf.RaggedTensor x"))
         if any(len(leaf.shape) == 0 for leaf in leaves):
             raise ValueError(
                 f"The {name} given to LSUV yields scalars, not batches: an unbatched dataset? Call .batch(n) on it."

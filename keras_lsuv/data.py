@@ -72,7 +72,8 @@ def draw_samples(x: Any, num_samples: int) -> Any:
     if not leaves:
         raise ValueError(f"LSUV needs training inputs, but x holds no arrays: {x!r}.")
     for leaf in leaves:
-        check_is_data(leaf)
+        if leaf is not None:  # a None entry is reported below with the other non-arrays
+            check_is_data(leaf, what="an entry of x")
     if all(_is_array(leaf) for leaf in leaves):
         return keras.tree.map_structure(lambda array: _first_rows(array, num_samples), x)
     if isinstance(x, (list, tuple, dict)):
@@ -128,16 +129,16 @@ def first_sample(batch: Any) -> Any:
     return keras.tree.map_structure(lambda t: t[:1], batch)
 
 
-def check_is_data(x: Any) -> None:
+def check_is_data(x: Any, what: str = "x") -> None:
     """Raises a `ValueError` if `x` cannot be training data at all: `None`, text or a symbolic tensor."""
     if x is None:
-        raise ValueError("LSUV needs training inputs, but x is None.")
+        raise ValueError(f"LSUV needs training inputs, but {what} is None.")
     if isinstance(x, (str, bytes)):
-        raise ValueError(f"x is a {type(x).__name__} ({x[:20]!r}); LSUV needs numeric training inputs, not text.")
+        raise ValueError(f"{what} is a {type(x).__name__} ({x[:20]!r}); LSUV needs numeric training inputs, not text.")
     if isinstance(x, keras.KerasTensor):
         raise ValueError(
-            "x is a symbolic KerasTensor (from keras.Input or a layer's output): LSUV needs concrete training "
-            "data, e.g. a NumPy array of real samples."
+            f"{what} is a symbolic KerasTensor (from keras.Input or a layer's output): LSUV needs concrete "
+            "training data, e.g. a NumPy array of real samples."
         )
 
 

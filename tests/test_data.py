@@ -239,6 +239,7 @@ def unbatched_dataset():
 REJECTED = {
     "str": (lambda: "hello", r"x is a str \('hello'\); LSUV needs numeric"),
     "symbolic KerasTensor": (lambda: keras.Input((16,)), "symbolic KerasTensor"),
+    "str inside a list": (lambda: [X, "a"], "an entry of x is a str"),
     "generator of scalars": (lambda: (float(v) for v in X[:, 0]), r"yields \['float'\], not batches"),
     "unbatched tf.data": (unbatched_dataset, "looks unbatched.*call .batch"),
     "unbatched DataLoader": (

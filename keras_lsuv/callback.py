@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import keras
 
-from keras_lsuv.data import DEFAULT_NUM_SAMPLES
-from keras_lsuv.lsuv import check_options, lsuv_init
+from keras_lsuv.data import DEFAULT_NUM_SAMPLES, check_is_data
+from keras_lsuv.guard import training_evidence
+from keras_lsuv.lsuv import lsuv_init
+from keras_lsuv.options import check_options
 from keras_lsuv.report import LSUVReport
 
 
@@ -15,9 +18,12 @@ class LSUVCallback(keras.callbacks.Callback):
     """Runs `lsuv_init` on the model in `on_train_begin`, before the first training step.
 
     The weights LSUV sets are the ones the first step trains from on every
-    backend. A model whose optimizer has already taken steps is left alone
-    (with a warning) unless `force=True`, so calling `fit` again never
-    re-initializes it.
+    backend. A model that already holds trained weights is left alone, with a
+    warning that says why, unless `force=True`: calling `fit` again, or
+    resuming from `model.load_weights(...)` or `keras.models.load_model(...)`,
+    never re-initializes it. Trained means the optimizer has taken steps, or a
+    trainable layer's bias or normalization weight no longer holds the
+    constant it was initialized to (see the guide for what this cannot see).
 
     Example:
 
@@ -27,7 +33,8 @@ class LSUVCallback(keras.callbacks.Callback):
     >>> print(lsuv.report)
 
     The options are those of `lsuv_init`, checked here so that a bad option
-    fails before training starts.
+    fails before training starts; so is an `x` that is no data at all
+    (`None`, a `str`, a symbolic `keras.Input`).
 
     Args:
         x: Training inputs: arrays, a `tf.data.Dataset`, a `PyDataset`, a
@@ -40,8 +47,9 @@ class LSUVCallback(keras.callbacks.Callback):
         measure: `"preactivation"` (default) or `"output"`.
         orthonormal: Redraw the kernels orthonormally first.
         engine: `"single_pass"` (default) or `"submodel"`.
-        seed: Integer seed of the orthonormal draw.
-        force: Run even if the model has already been trained.
+        seed: Seed of the orthonormal draw: `None`, a non-negative integer
+            or a `keras.random.SeedGenerator` (a new draw each run).
+        force: Run even if the model looks trained.
         verbose: `"auto"`, 0, 1 or 2, as in `lsuv_init`.
         num_samples: How many samples of `x` to use (default 256).
 
@@ -61,13 +69,12 @@ class LSUVCallback(keras.callbacks.Callback):
         measure: str = "preactivation",
         orthonormal: bool = True,
         engine: str = "single_pass",
-        seed: int | None = None,
+        seed: int | keras.random.SeedGenerator | None = None,
         force: bool = False,
         verbose: str | int = "auto",
         num_samples: int = DEFAULT_NUM_SAMPLES,
     ) -> None:
         super().__init__()
-        check_options(target_variance, tolerance, max_iterations, measure, engine, verbose, num_samples)
         self.x = x
         self.options: dict[str, Any] = {
             "target_variance": target_variance,
@@ -81,7 +88,18 @@ class LSUVCallback(keras.callbacks.Callback):
             "verbose": verbose,
             "num_samples": num_samples,
         }
+        check_options(**self.options)
+        check_is_data(x)
         self.report: LSUVReport | None = None
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        evidence = None if self.options["force"] else training_evidence(self.model)
+        if evidence:
+            # Called directly, lsuv_init re-initializes a model whose weights look trained (with a warning); fit
+            # resuming from a checkpoint must not.
+            reason = f"{evidence}; nothing was changed. Pass force=True to re-initialize it."
+            warnings.warn(f"LSUV skipped: {reason}", UserWarning, stacklevel=2)
+            options = {k: self.options[k] for k in ("engine", "measure", "target_variance", "tolerance")}
+            self.report = LSUVReport(skipped_reason=reason, **options)
+            return
         self.report = lsuv_init(self.model, self.x, **self.options)

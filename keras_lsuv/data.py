@@ -9,16 +9,25 @@ import numpy as np
 from keras import ops
 
 DEFAULT_NUM_SAMPLES = 256
+# Reading an iterable stops with an error after this many empty batches in a row (a source that never yields data).
+MAX_EMPTY_BATCHES = 100
 
 
 def prepare_batch(model: keras.Model, x: Any, num_samples: int = DEFAULT_NUM_SAMPLES) -> Any:
     """Draws up to `num_samples` samples from `x`, checks them and converts them to backend tensors.
 
+    Example:
+
+    >>> batch = prepare_batch(model, pandas_frame, num_samples=64)  # 64 rows, as a float32 tensor
+
     Args:
         model: The model the batch is for; when it has symbolic inputs, the
             structure and shapes of the batch are checked against them.
-        x: What `fit` would take as training data. Arrays: a NumPy array or
-            backend tensor, or a list, tuple or dict of them for a model with
+        x: What `fit` would take as training data. Arrays: a NumPy array
+            (ml_dtypes floats such as bfloat16 included), a backend tensor, a
+            pandas `DataFrame` or `Series`, a SciPy sparse matrix or a
+            `tf.SparseTensor` (densified), a `tf.RaggedTensor` for a model whose
+            input is ragged, or a list, tuple or dict of them for a model with
             several inputs; the first `num_samples` samples are used.
             Iterables: a `tf.data.Dataset`, a `keras.utils.PyDataset`, a
             Python generator or iterator, a torch `DataLoader`; batches are
@@ -27,61 +36,92 @@ def prepare_batch(model: keras.Model, x: Any, num_samples: int = DEFAULT_NUM_SAM
         num_samples: How many samples to use at most.
 
     Returns:
-        The batch, with the structure of the inputs in `x`.
+        The batch, with the structure of the model's inputs.
 
     Raises:
-        ValueError: If `x` yields nothing, is not numeric, not finite, has
-            inputs with different batch sizes, or does not match the model.
+        ValueError: If `x` is not data (a str, a symbolic tensor), yields
+            nothing or only empty batches, is unbatched, not numeric, not
+            finite, has inputs with different batch sizes, or does not match
+            the model.
     """
     batch = draw_samples(x, num_samples)
     leaves = keras.tree.flatten(batch)
     tensors = [_to_tensor(leaf) for leaf in leaves]
-    if any(len(t.shape) == 0 for t in tensors):
-        raise ValueError("Every input of the LSUV batch needs a batch dimension; got a scalar.")
-    sizes = {int(t.shape[0]) for t in tensors}
+    sizes = {int(t.shape[0]) if len(t.shape) else None for t in tensors}
+    if None in sizes:
+        raise ValueError(
+            "Every input of the LSUV batch needs a batch dimension; got a scalar. An unbatched dataset? Call "
+            ".batch(n) on it."
+        )
     if len(sizes) > 1:
         raise ValueError(f"The inputs of the LSUV batch have different batch sizes: {sorted(sizes)}.")
     if sizes == {0}:
         raise ValueError("The LSUV batch is empty (0 samples).")
     for tensor in tensors:
-        if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(tensor)))):
+        values = tensor.flat_values if _is_ragged(tensor) else tensor
+        if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(values)))):
             raise ValueError("The LSUV batch contains NaN or Inf values; LSUV needs finite training data.")
     batch = keras.tree.pack_sequence_as(batch, tensors)
-    _check_against_model_inputs(model, batch)
-    return batch
+    return _match_model_inputs(model, batch)
 
 
 def draw_samples(x: Any, num_samples: int) -> Any:
     """The first `num_samples` input samples of `x` (arrays are sliced, iterables read batch by batch)."""
-    if x is None:
-        raise ValueError("LSUV needs training inputs, but x is None.")
+    check_is_data(x)
     leaves = keras.tree.flatten(x)
     if not leaves:
         raise ValueError(f"LSUV needs training inputs, but x holds no arrays: {x!r}.")
+    for leaf in leaves:
+        if leaf is not None:  # a None entry is reported below with the other non-arrays
+            check_is_data(leaf, what="an entry of x")
     if all(_is_array(leaf) for leaf in leaves):
-        return keras.tree.map_structure(lambda array: array[:num_samples], x)
+        return keras.tree.map_structure(lambda array: _first_rows(array, num_samples), x)
     if isinstance(x, (list, tuple, dict)):
         kinds = sorted({type(leaf).__name__ for leaf in leaves if not _is_array(leaf)})
-        raise ValueError(f"The inputs given to LSUV must be NumPy arrays or backend tensors; got {kinds}.")
+        raise ValueError(f"The inputs given to LSUV must be arrays or tensors; got {kinds}.")
     if not hasattr(x, "__iter__") and not hasattr(x, "__next__"):
         raise ValueError(
             f"LSUV cannot read samples from a {type(x).__name__}: pass arrays, a tf.data.Dataset, a "
             "keras.utils.PyDataset, a generator or a torch DataLoader."
         )
-    parts, count = [], 0
+    if type(x).__name__ == "DataLoader" and getattr(x, "batch_size", 0) is None:
+        raise ValueError("x is an unbatched torch DataLoader (batch_size=None): give it a batch_size.")
+    return _read_iterable(x, num_samples)
+
+
+def _read_iterable(x: Any, num_samples: int) -> Any:
+    name = type(x).__name__
+    parts, count, empty_in_a_row = [], 0, 0
     for element in x:
         inputs, _, _ = keras.utils.unpack_x_y_sample_weight(element)
-        inputs = keras.tree.map_structure(_to_numpy, inputs)
-        parts.append(inputs)
-        count += len(keras.tree.flatten(inputs)[0])
+        leaves = keras.tree.flatten(inputs)
+        if not leaves or not all(_is_array(leaf) for leaf in leaves):
+            kinds = sorted({type(leaf).__name__ for leaf in leaves})
+            raise ValueError(
+                f"The {name} given to LSUV yields {kinds or 'nothing'}, not batches of arrays: each element must "
+                "be x, (x, y) or (x, y, sample_weight) with arrays that have a batch dimension."
+            )
+        if any(_is_ragged(leaf) for leaf in leaves):
+            raise ValueError(_ragged_message("LSUV", "it takes ragged data only as one tf.RaggedTensor x"))
+        if any(len(leaf.shape) == 0 for leaf in leaves):
+            raise ValueError(
+                f"The {name} given to LSUV yields scalars, not batches: an unbatched dataset? Call .batch(n) on it."
+            )
+        rows = int(leaves[0].shape[0])
+        empty_in_a_row = empty_in_a_row + 1 if rows == 0 else 0
+        if empty_in_a_row >= MAX_EMPTY_BATCHES:
+            raise ValueError(f"The {name} given to LSUV yielded {MAX_EMPTY_BATCHES} empty batches in a row.")
+        if rows:
+            parts.append(keras.tree.map_structure(lambda leaf: _to_numpy(_first_rows(leaf, num_samples)), inputs))
+            count += rows
         if count >= num_samples:
             break
     if not parts:
-        raise ValueError(f"The {type(x).__name__} given to LSUV yielded no batch: it is empty or exhausted.")
+        raise ValueError(f"The {name} given to LSUV yielded no batch: it is empty or exhausted.")
     try:
         return keras.tree.map_structure(lambda *arrays: np.concatenate(arrays)[:num_samples], *parts)
     except (ValueError, TypeError) as error:
-        raise ValueError(f"The batches of the {type(x).__name__} given to LSUV do not fit together: {error}") from error
+        raise ValueError(f"The batches of the {name} given to LSUV do not fit together: {error}") from error
 
 
 def first_sample(batch: Any) -> Any:
@@ -89,9 +129,62 @@ def first_sample(batch: Any) -> Any:
     return keras.tree.map_structure(lambda t: t[:1], batch)
 
 
+def check_is_data(x: Any, what: str = "x") -> None:
+    """Raises a `ValueError` if `x` cannot be training data at all: `None`, text or a symbolic tensor."""
+    if x is None:
+        raise ValueError(f"LSUV needs training inputs, but {what} is None.")
+    if isinstance(x, (str, bytes)):
+        raise ValueError(f"{what} is a {type(x).__name__} ({x[:20]!r}); LSUV needs numeric training inputs, not text.")
+    if isinstance(x, keras.KerasTensor):
+        raise ValueError(
+            f"{what} is a symbolic KerasTensor (from keras.Input or a layer's output): LSUV needs concrete "
+            "training data, e.g. a NumPy array of real samples."
+        )
+
+
 def _is_array(leaf: Any) -> bool:
-    # NumPy arrays and tensors of any framework (a tf.Tensor under JAX, say); datasets and loaders have no shape.
-    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+    # NumPy arrays, tensors of any framework, pandas objects, SciPy and TF sparse; datasets and loaders have no shape.
+    return hasattr(leaf, "shape") and (hasattr(leaf, "dtype") or hasattr(leaf, "dtypes"))
+
+
+def _is_ragged(leaf: Any) -> bool:
+    return type(leaf).__name__ == "RaggedTensor"
+
+
+def _first_rows(leaf: Any, num_samples: int) -> Any:
+    """The first `num_samples` rows of one array: backend tensors and ragged tensors as they are, the rest as NumPy."""
+    if len(leaf.shape) == 0:
+        return leaf  # rejected with a clear message once the whole batch is known
+    if hasattr(leaf, "dtype") and not _is_numeric_dtype(leaf.dtype):
+        raise ValueError(f"The LSUV batch must be numeric; got data of dtype {leaf.dtype}.")
+    if _is_ragged(leaf) or (ops.is_tensor(leaf) and type(leaf).__name__ != "SparseTensor"):
+        return leaf[:num_samples]  # this backend's own dense tensors stay where they are
+    # Slice first where that is cheap, so that Keras converts at most `num_samples` rows.
+    if isinstance(leaf, np.ndarray):
+        leaf = leaf[:num_samples]
+    elif hasattr(leaf, "iloc"):  # pandas
+        leaf = leaf.iloc[:num_samples]
+    elif hasattr(leaf, "tocsr"):  # SciPy sparse (COO cannot be sliced)
+        leaf = leaf.tocsr()[:num_samples]
+    return _keras_array_to_numpy(leaf, min(num_samples, int(leaf.shape[0])))
+
+
+def _keras_array_to_numpy(leaf: Any, rows: int) -> np.ndarray:
+    """The first `rows` rows of `leaf` as a dense NumPy array, converted the way `fit` converts arrays.
+
+    This is Keras's own array slicing, the one `fit`'s `ArrayDataAdapter`
+    uses: pandas objects (a `Series` becomes one feature), SciPy sparse and
+    `tf.SparseTensor` (densified), tensors of another framework, and floats
+    other than `floatx` (ml_dtypes' bfloat16 included) cast to `floatx`. It is
+    private Keras API, used only here; tests/test_data.py pins its behaviour.
+    """
+    from keras.src.trainers.data_adapters import array_slicing
+
+    try:
+        sliceable = array_slicing.convert_to_sliceable(leaf)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"LSUV cannot use the {type(leaf).__name__} in x as training data: {error}") from error
+    return np.asarray(type(sliceable).convert_to_numpy(sliceable[0:rows]))
 
 
 def _to_numpy(leaf: Any) -> np.ndarray:
@@ -99,36 +192,68 @@ def _to_numpy(leaf: Any) -> np.ndarray:
 
 
 def _to_tensor(leaf: Any) -> Any:
-    if isinstance(leaf, np.ndarray):
-        numeric = leaf.dtype.kind in "biuf"
-    else:
-        numeric = any(kind in keras.backend.standardize_dtype(leaf.dtype) for kind in ("float", "int", "bool"))
-    if not numeric:
+    dtype = keras.backend.standardize_dtype(leaf.dtype) if _is_numeric_dtype(leaf.dtype) else None
+    if dtype is None:
         raise ValueError(f"The LSUV batch must be numeric; got data of dtype {leaf.dtype}.")
+    if _is_ragged(leaf):
+        return leaf  # only a ragged model input takes it; _match_model_inputs checks that
     return ops.convert_to_tensor(leaf)
 
 
-def _check_against_model_inputs(model: keras.Model, batch: Any) -> None:
+def _is_numeric_dtype(dtype: Any) -> bool:
+    try:
+        name = keras.backend.standardize_dtype(dtype)
+    except (ValueError, TypeError):
+        return False
+    return any(kind in name for kind in ("float", "int", "bool"))
+
+
+def _match_model_inputs(model: keras.Model, batch: Any) -> Any:
+    """Checks `batch` against the model's symbolic inputs; a dict for a model without dict inputs is put in order."""
     # An unbuilt Sequential has no inputs (AttributeError, or ValueError before Keras 3.7).
     inputs = getattr(model, "inputs", None) if model.built else None
     if not inputs:
-        return  # subclassed or unbuilt: the model's call checks its own inputs
+        for leaf in keras.tree.flatten(batch):
+            if _is_ragged(leaf):
+                raise ValueError(_ragged_message("the model", "its inputs are not known"))
+        return batch  # subclassed or unbuilt: the model's call checks its own inputs
+    # A Sequential has no `input` structure (it raises); a Functional model's is a dict when built from one.
+    declared = None if isinstance(model, keras.Sequential) else model.input
     if isinstance(batch, dict):
-        declared = model.input  # a dict when the model was built from a dict of inputs
         expected = list(declared) if isinstance(declared, dict) else [t.name for t in inputs]
         missing = [name for name in expected if name not in batch]
         if missing:
             raise ValueError(f"The LSUV batch is missing the model input(s) {missing}; got keys {sorted(batch)}.")
         leaves = [batch[name] for name in expected]
-        inputs = [declared[name] for name in expected] if isinstance(declared, dict) else inputs
+        if isinstance(declared, dict):
+            inputs = [declared[name] for name in expected]
+        else:
+            batch = leaves[0] if len(leaves) == 1 else leaves
     else:
         leaves = keras.tree.flatten(batch)
     if len(leaves) != len(inputs):
         raise ValueError(f"The model has {len(inputs)} input(s) but the LSUV batch has {len(leaves)} array(s).")
     for leaf, symbolic in zip(leaves, inputs, strict=True):
+        if _is_ragged(leaf) and not getattr(symbolic, "ragged", False):
+            raise ValueError(_ragged_message(f"the model's input '{symbolic.name}'", "it is not ragged"))
         shape, got = tuple(symbolic.shape[1:]), tuple(leaf.shape[1:])
         if len(shape) != len(got) or any(e is not None and e != g for e, g in zip(shape, got, strict=True)):
+            unbatched = len(got) == len(shape) - 1
             raise ValueError(
                 f"The LSUV batch does not match the model's input '{symbolic.name}': expected samples of "
                 f"shape {shape}, got {got}."
+                + (
+                    " Each sample has one dimension too few: x looks unbatched (call .batch(n) on a "
+                    "tf.data.Dataset, give a DataLoader a batch_size, add a batch axis to a single sample)."
+                    if unbatched
+                    else ""
+                )
             )
+    return batch
+
+
+def _ragged_message(where: str, why: str) -> str:
+    return (
+        f"x holds a tf.RaggedTensor, which {where} cannot take ({why}). Pad it to a dense tensor "
+        "(ragged.to_tensor()) or build the model on keras.Input(..., ragged=True)."
+    )

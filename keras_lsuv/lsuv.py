@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -12,12 +11,11 @@ from keras import ops
 
 from keras_lsuv.data import DEFAULT_NUM_SAMPLES, first_sample, prepare_batch
 from keras_lsuv.engines import ENGINES
+from keras_lsuv.guard import optimizer_steps, trained_weights_evidence
 from keras_lsuv.inference import inference_mode
+from keras_lsuv.options import check_options, integer_seed
 from keras_lsuv.report import LSUVReport
-from keras_lsuv.rescale import Criterion
 from keras_lsuv.targets import find_targets, redraw_orthonormal
-
-MEASURES = ("preactivation", "output")
 
 
 def lsuv_init(
@@ -30,7 +28,7 @@ def lsuv_init(
     measure: str = "preactivation",
     orthonormal: bool = True,
     engine: str = "single_pass",
-    seed: int | None = None,
+    seed: int | keras.random.SeedGenerator | None = None,
     force: bool = False,
     verbose: str | int = "auto",
     num_samples: int = DEFAULT_NUM_SAMPLES,
@@ -60,9 +58,10 @@ def lsuv_init(
     Args:
         model: A Keras model (Sequential, Functional or subclassed; built or not).
         x: Training inputs, in any form `fit` takes: arrays or backend tensors
-            (a list/tuple/dict of them for several inputs), a `tf.data.Dataset`,
-            a `keras.utils.PyDataset`, a generator or iterator, or a torch
-            `DataLoader`. Elements may be `x`, `(x, y)` or
+            (NumPy ml_dtypes floats, pandas objects, SciPy and TF sparse
+            included; a list/tuple/dict of them for several inputs), a
+            `tf.data.Dataset`, a `keras.utils.PyDataset`, a generator or
+            iterator, or a torch `DataLoader`. Elements may be `x`, `(x, y)` or
             `(x, y, sample_weight)`; only `x` is used. The first `num_samples`
             samples form the LSUV batch.
         target_variance: The output variance to reach (1.0 in the paper).
@@ -78,8 +77,12 @@ def lsuv_init(
             on the input it receives. `"submodel"`: re-runs a sub-model up to
             each layer after every rescale (Functional/Sequential models only;
             slow, kept as the reference).
-        seed: Integer seed for the orthonormal redraw; `None` draws at random.
-        force: Run even if the model's optimizer has already taken steps.
+        seed: Seed of the orthonormal redraw: `None` draws at random, a
+            non-negative integer gives the same kernels on every backend, a
+            `keras.random.SeedGenerator` advances (a new draw each run).
+        force: Run even if the model's optimizer has already taken steps
+            (skipped otherwise), and without the warning given when the
+            weights look trained (biases moved from their initial constant).
         verbose: `"auto"` or 1: a progress bar and the per-layer table;
             2: the table only; 0: silent.
         num_samples: How many samples of `x` to use (default 256): arrays are
@@ -89,13 +92,25 @@ def lsuv_init(
         An `LSUVReport` with one record per target layer.
 
     Raises:
-        ValueError: For bad options, or a batch that is empty, not numeric, not
-            finite or does not match the model's inputs, or a layer whose
-            output becomes non-finite. The model's weights are unchanged then.
+        ValueError: For bad options (each named), bad inputs (each named: see
+            `docs/data.md`), a batch that is empty, not numeric, not finite or
+            does not match the model's inputs, or a layer whose output becomes
+            non-finite. The model's weights are unchanged then.
     """
-    criterion = check_options(target_variance, tolerance, max_iterations, measure, engine, verbose, num_samples)
+    criterion = check_options(
+        target_variance=target_variance,
+        tolerance=tolerance,
+        max_iterations=max_iterations,
+        measure=measure,
+        orthonormal=orthonormal,
+        engine=engine,
+        seed=seed,
+        force=force,
+        verbose=verbose,
+        num_samples=num_samples,
+    )
     report = LSUVReport(engine=engine, measure=measure, target_variance=target_variance, tolerance=tolerance)
-    steps = _optimizer_steps(model)
+    steps = optimizer_steps(model)
     if steps and not force:
         report.skipped_reason = (
             f"the model has already been trained ({steps} optimizer steps); nothing was changed. "
@@ -103,6 +118,14 @@ def lsuv_init(
         )
         warnings.warn(f"LSUV skipped: {report.skipped_reason}", UserWarning, stacklevel=2)
         return report
+    evidence = None if force else trained_weights_evidence(model)
+    if evidence:
+        warnings.warn(
+            f"LSUV: the model's weights look already trained ({evidence}); lsuv_init re-initializes them as "
+            "asked (LSUVCallback would skip this model). Pass force=True to silence this warning.",
+            UserWarning,
+            stacklevel=2,
+        )
 
     batch = prepare_batch(model, x, num_samples)
     if not model.built:
@@ -118,7 +141,7 @@ def lsuv_init(
     saved = [(kernel, ops.copy(kernel.value)) for t in active for kernel in t.kernels]
     try:
         if orthonormal:
-            rng = np.random.default_rng(seed)
+            rng = np.random.default_rng(integer_seed(seed))
             for target in active:
                 redraw_orthonormal(target, rng)
         report.records = ENGINES[engine](model, batch, targets, measure, criterion, lambda _: progress.add(1))
@@ -137,37 +160,3 @@ def lsuv_init(
     if verbose:
         print(report)
     return report
-
-
-def check_options(
-    target_variance: float,
-    tolerance: float,
-    max_iterations: int,
-    measure: str,
-    engine: str,
-    verbose: Any,
-    num_samples: int,
-) -> Criterion:
-    """Validates the options shared by `lsuv_init` and `LSUVCallback`; returns the stopping criterion."""
-    if not (isinstance(target_variance, (int, float)) and math.isfinite(target_variance) and target_variance > 0):
-        raise ValueError(f"target_variance must be a positive number; got {target_variance!r}.")
-    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
-        raise ValueError(f"tolerance must be a positive number; got {tolerance!r}.")
-    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 0:
-        raise ValueError(f"max_iterations must be a non-negative integer; got {max_iterations!r}.")
-    if measure not in MEASURES:
-        raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}.")
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {tuple(ENGINES)}; got {engine!r}.")
-    if verbose not in ("auto", 0, 1, 2):
-        raise ValueError(f"verbose must be 'auto', 0, 1 or 2; got {verbose!r}.")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}.")
-    return Criterion(float(target_variance), float(tolerance), max_iterations)
-
-
-def _optimizer_steps(model: keras.Model) -> int:
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is None:
-        return 0
-    return int(ops.convert_to_numpy(optimizer.iterations))

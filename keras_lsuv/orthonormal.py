@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import random as python_random
 from collections.abc import Sequence
 from typing import Any
@@ -68,7 +69,9 @@ class Orthonormal(keras.initializers.Initializer):
     """
 
     def __init__(self, gain: float = 1.0, seed: int | keras.random.SeedGenerator | None = None) -> None:
-        self.gain = gain
+        if isinstance(gain, bool) or not isinstance(gain, numbers.Real) or not math.isfinite(gain):
+            raise ValueError(f"`gain` must be a finite number. Received: gain={gain!r}")
+        self.gain = float(gain)
         self._init_seed = seed
         if seed is None:
             seed = python_random.randint(1, 10**9)

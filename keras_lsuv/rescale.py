@@ -57,6 +57,8 @@ def find_scale(target: Target, variance_at: Callable[[float], float], criterion:
             break
         if current <= MIN_RELATIVE_VARIANCE * goal:
             reason = f"output variance {current:.3g} is too small to rescale safely"
+            if current > MIN_RELATIVE_VARIANCE:  # a usable output: it is the target that cannot be reached
+                reason = f"target variance {goal:g} is out of reach from output variance {current:.3g}"
             break
         step = math.sqrt(goal / current)
         if scale * step > MAX_SCALE:

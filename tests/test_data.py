@@ -111,7 +111,7 @@ def test_dataset_of_dicts_for_a_multi_input_model():
         pytest.param(lambda: tf_data(np.array(["a", "b"] * 8), batch_size=4), "numeric", marks=requires_tf),
         (lambda: iter([X[:10], X[:10, :8]]), "do not fit together"),
         (lambda: iter([X[:10, :8]]), "does not match"),
-        (lambda: [[0.5] * 16] * 4, "must be NumPy arrays"),
+        (lambda: [[0.5] * 16] * 4, "must be arrays or tensors"),
         (lambda: 3.0, "cannot read samples"),
     ],
 )
@@ -128,3 +128,184 @@ def test_bad_sources_are_rejected_and_nothing_changes(source, message):
 def test_bad_num_samples_is_rejected(num_samples):
     with pytest.raises(ValueError, match="num_samples"):
         keras_lsuv.lsuv_init(zoo.deep_mlp(depth=1), X, num_samples=num_samples)
+
+
+# Inputs `fit` takes beyond plain arrays. Each gives the same kernels as the equivalent NumPy array.
+def pandas_frame():
+    pd = pytest.importorskip("pandas")
+    return pd.DataFrame(X.astype("float64"), columns=[f"f{i}" for i in range(16)])
+
+
+def scipy_matrix(kind):
+    sparse = pytest.importorskip("scipy.sparse")
+    data = np.where(np.abs(X) > 0.5, X, 0).astype("float32")
+    return getattr(sparse, f"{kind}_matrix")(data), data
+
+
+def tf_sparse():
+    tf = pytest.importorskip("tensorflow")
+    data = np.where(np.abs(X) > 0.5, X, 0).astype("float32")
+    return tf.sparse.from_dense(data), data
+
+
+def bfloat16():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    data = X.astype(ml_dtypes.bfloat16)
+    return data, data.astype("float32")
+
+
+ACCEPTED = {
+    "pandas DataFrame": lambda: (pandas_frame(), X),
+    "bfloat16 array": bfloat16,
+    "scipy CSR": lambda: scipy_matrix("csr"),
+    "scipy COO": lambda: scipy_matrix("coo"),
+    "tf.SparseTensor": tf_sparse,
+    "dict for a single-input Sequential": lambda: ({"features": X}, X),
+}
+
+
+def named_input_mlp():
+    model = keras.Sequential([keras.Input((16,), name="features")])
+    for _ in range(2):
+        model.add(keras.layers.Dense(32, activation="tanh"))
+    model.add(keras.layers.Dense(10, activation="softmax"))
+    return model
+
+
+@pytest.mark.parametrize("kind", ACCEPTED)
+def test_accepted_inputs_give_the_kernels_of_the_equivalent_numpy_array(kind):
+    source, equivalent = ACCEPTED[kind]()
+    from_source, from_array = named_input_mlp(), named_input_mlp()
+    from_array.set_weights(from_source.get_weights())
+    a = keras_lsuv.lsuv_init(from_array, equivalent[:64], seed=1, verbose=0)
+    b = keras_lsuv.lsuv_init(from_source, source, seed=1, verbose=0, num_samples=64)
+    assert a.converged and b.converged
+    for wa, wb in zip(zoo.weights_of(from_array), zoo.weights_of(from_source), strict=True):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+    measured = zoo.preactivation_variances(from_source, equivalent[:64].astype("float32"))
+    assert all(abs(v - 1) < 0.1 for v in measured.values())
+
+
+def test_pandas_series_is_one_feature_as_in_fit():
+    pd = pytest.importorskip("pandas")
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2)])
+    batch = prepare_batch(model, pd.Series(X[:, 0]), num_samples=30)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(batch), X[:30, :1])
+    assert keras_lsuv.lsuv_init(model, pd.Series(X[:, 0]), seed=0, verbose=0).converged
+
+
+def test_iterable_of_pandas_and_sparse_batches_is_read_like_arrays():
+    pd = pytest.importorskip("pandas")
+    sparse = pytest.importorskip("scipy.sparse")
+    source = iter([(pd.DataFrame(X[:30]), Y[:30]), (sparse.csr_matrix(X[30:60]), Y[30:60])])
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(prepare_batch(zoo.deep_mlp(1), source, 50)), X[:50])
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="ragged model inputs are TensorFlow-only")
+def test_ragged_input_reaches_a_model_built_for_it():
+    import tensorflow as tf
+
+    class MeanOverTime(keras.layers.Layer):
+        def call(self, x):
+            return tf.tile(tf.expand_dims(tf.reduce_mean(x, axis=1), -1), (1, 8))
+
+    inputs = keras.Input((None,), ragged=True)
+    h = keras.layers.Dense(16, activation="relu")(MeanOverTime()(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3)(h))
+    ragged = tf.ragged.constant([list(row[: 1 + i % 5]) for i, row in enumerate(X)])
+    report = keras_lsuv.lsuv_init(model, ragged, seed=0, verbose=0, num_samples=64)
+    assert report.converged
+    measured = zoo.preactivation_variances(model, ragged[:64])
+    assert len(measured) == 2 and all(abs(v - 1) < 0.1 for v in measured.values())
+
+
+def empty_batches_forever():
+    while True:
+        yield np.zeros((0, 16), "float32")
+
+
+def ragged():
+    tf = pytest.importorskip("tensorflow")
+    return tf.ragged.constant([[1.0] * 16, [2.0] * 15] * 4)
+
+
+def unbatched_dataset():
+    pytest.importorskip("tensorflow")
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(X)
+
+
+REJECTED = {
+    "str": (lambda: "hello", r"x is a str \('hello'\); LSUV needs numeric"),
+    "symbolic KerasTensor": (lambda: keras.Input((16,)), "symbolic KerasTensor"),
+    "str inside a list": (lambda: [X, "a"], "an entry of x is a str"),
+    "generator of scalars": (lambda: (float(v) for v in X[:, 0]), r"yields \['float'\], not batches"),
+    "unbatched tf.data": (unbatched_dataset, "looks unbatched.*call .batch"),
+    "unbatched DataLoader": (
+        lambda: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(X)), batch_size=None),
+        "unbatched torch DataLoader",
+    ),
+    "ragged for a dense model": (ragged, "tf.RaggedTensor.*cannot take.*to_tensor"),
+    "dict with another name": (lambda: {"other": X}, r"missing the model input\(s\) \['features'\]"),
+    "empty batches forever": (empty_batches_forever, "100 empty batches in a row"),
+    "string pandas column": (lambda: pandas_frame().astype(str), "cannot use the DataFrame"),
+}
+
+
+@pytest.mark.parametrize("kind", REJECTED)
+def test_rejected_inputs_name_the_problem_and_change_nothing(kind):
+    source, message = REJECTED[kind]
+    model = named_input_mlp()
+    before = zoo.weights_of(model)
+    with pytest.raises(ValueError, match=message):
+        keras_lsuv.lsuv_init(model, source(), verbose=0)
+    for a, b in zip(before, zoo.weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# Pins the behaviour of Keras's private array slicing (keras.src.trainers.data_adapters.array_slicing), which
+# keras_lsuv.data uses for everything but NumPy arrays and this backend's own tensors.
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: pandas_frame().iloc[:5], X[:5]),
+        (lambda: scipy_matrix("csr")[0][:5], np.where(np.abs(X[:5]) > 0.5, X[:5], 0)),
+        (lambda: bfloat16()[0][:5], bfloat16()[1][:5]),
+        pytest.param(lambda: tf_sparse()[0], np.where(np.abs(X[:5]) > 0.5, X[:5], 0), marks=requires_tf),
+    ],
+    ids=["pandas", "scipy", "bfloat16", "tf.SparseTensor"],
+)
+def test_keras_array_slicing_densifies_and_casts_to_floatx(make, expected):
+    from keras_lsuv.data import _keras_array_to_numpy
+
+    out = _keras_array_to_numpy(make(), 5)
+    assert type(out) is np.ndarray and out.dtype == np.dtype(keras.config.floatx())
+    np.testing.assert_array_equal(out, expected.astype("float32"))
+
+
+@pytest.mark.parametrize(
+    "x, message", [(None, "x is None"), ("hello", "x is a str"), (keras.Input((16,)), "symbolic KerasTensor")]
+)
+def test_callback_rejects_what_is_no_data_at_construction(x, message):
+    with pytest.raises(ValueError, match=message):
+        keras_lsuv.LSUVCallback(x)
+
+
+def test_empty_batches_forever_stop_within_the_bound_quickly():
+    import time
+
+    from keras_lsuv.data import MAX_EMPTY_BATCHES
+
+    read = []
+
+    def counting():
+        while True:
+            read.append(1)
+            yield np.zeros((0, 16), "float32")
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="empty batches in a row"):
+        prepare_batch(named_input_mlp(), counting())
+    assert len(read) == MAX_EMPTY_BATCHES
+    assert time.perf_counter() - start < 5  # a bound on hanging, not a benchmark

@@ -1,0 +1,118 @@
+"""Every option of `lsuv_init` and `LSUVCallback` is checked before anything runs; valid NumPy scalars are taken."""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+import zoo
+
+import keras_lsuv
+
+X = zoo.batch_for(keras.Sequential([keras.Input((16,))]), n=32)
+
+BAD = [
+    ("seed", "a"),
+    ("seed", 1.5),
+    ("seed", -1),
+    ("seed", True),
+    ("seed", np.float64(3.0)),
+    ("orthonormal", "no"),
+    ("orthonormal", 1),
+    ("force", "no"),
+    ("force", None),
+    ("target_variance", True),
+    ("target_variance", 0),
+    ("target_variance", float("inf")),
+    ("target_variance", "1"),
+    ("tolerance", -1),
+    ("tolerance", np.float32("nan")),
+    ("max_iterations", 1.5),
+    ("max_iterations", -1),
+    ("max_iterations", True),
+    ("num_samples", 0),
+    ("num_samples", np.float32(64)),
+    ("num_samples", False),
+    ("measure", "post"),
+    ("measure", ["preactivation"]),
+    ("engine", "fast"),
+    ("verbose", 3),
+    ("verbose", "yes"),
+]
+
+
+@pytest.mark.parametrize("name, value", BAD, ids=[f"{n}={v!r}" for n, v in BAD])
+def test_bad_option_fails_in_lsuv_init_and_nothing_changes(name, value):
+    model = zoo.deep_mlp(depth=2)
+    before = zoo.weights_of(model)
+    with pytest.raises(ValueError, match=rf"^{name} must be .*got {re.escape(repr(value))}"):
+        keras_lsuv.lsuv_init(model, X, **{"verbose": 0, name: value})
+    for a, b in zip(before, zoo.weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name, value", BAD, ids=[f"{n}={v!r}" for n, v in BAD])
+def test_bad_option_fails_at_callback_construction(name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be"):
+        keras_lsuv.LSUVCallback(X, **{name: value})
+
+
+def test_numpy_scalars_give_the_same_run_as_python_numbers():
+    python, numpy = zoo.deep_mlp(depth=2), zoo.deep_mlp(depth=2)
+    keras_lsuv.lsuv_init(python, X, seed=3, tolerance=0.05, target_variance=2.0, num_samples=24, verbose=0)
+    report = keras_lsuv.lsuv_init(
+        numpy,
+        X,
+        seed=np.int64(3),
+        tolerance=np.float32(0.05),
+        target_variance=np.float64(2.0),
+        max_iterations=np.int32(10),
+        num_samples=np.int64(24),
+        orthonormal=np.bool_(True),
+        verbose=np.int64(0),
+    )
+    for a, b in zip(zoo.weights_of(python), zoo.weights_of(numpy), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert report.converged
+    assert all(abs(v - 2.0) < 0.05 for v in zoo.preactivation_variances(numpy, X[:24]).values())
+
+
+def test_seed_generator_is_a_seed_and_advances_like_keras_initializers():
+    runs = []
+    for _ in range(2):
+        generator = keras.random.SeedGenerator(7)
+        models = [zoo.deep_mlp(depth=2), zoo.deep_mlp(depth=2)]
+        for model in models:
+            keras_lsuv.lsuv_init(model, X, seed=generator, verbose=0)
+        runs.append([zoo.weights_of(m)[0] for m in models])
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])  # same generator seed, same first draw
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    assert not np.allclose(runs[0][0], runs[0][1])  # the generator advanced between the two runs
+    callback = keras_lsuv.LSUVCallback(X, seed=keras.random.SeedGenerator(1), verbose=0)
+    model = zoo.deep_mlp(depth=2)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0), loss="sparse_categorical_crossentropy")
+    model.fit(X, np.zeros(len(X), "int32"), batch_size=16, verbose=0, callbacks=[callback])
+    assert callback.report.converged
+
+
+@pytest.mark.parametrize("gain", ["a", None, True, float("nan")])
+def test_orthonormal_gain_is_checked_at_construction(gain):
+    with pytest.raises(ValueError, match="gain"):
+        keras_lsuv.Orthonormal(gain=gain)
+
+
+def test_orthonormal_takes_a_numpy_gain():
+    kernel = keras_lsuv.Orthonormal(gain=np.float32(2.0), seed=0)(shape=(8, 4))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(keras.ops.matmul(keras.ops.transpose(kernel), kernel)), 4 * np.eye(4), atol=1e-5
+    )
+
+
+def test_unreachable_target_reads_as_such():
+    model = zoo.deep_mlp(depth=1)
+    before = zoo.preactivation_variances(model, X)
+    with pytest.warns(UserWarning, match=r"target variance 1e\+30 is out of reach from output variance"):
+        report = keras_lsuv.lsuv_init(model, X, target_variance=1e30, seed=0, verbose=0)
+    assert not report.converged
+    measured = zoo.preactivation_variances(model, X)
+    assert all(v < 1e3 for v in measured.values()) and set(measured) == set(before)  # no kernel was blown up

@@ -47,12 +47,12 @@ def prepare_batch(model: keras.Model, x: Any, num_samples: int = DEFAULT_NUM_SAM
     batch = draw_samples(x, num_samples)
     leaves = keras.tree.flatten(batch)
     tensors = [_to_tensor(leaf) for leaf in leaves]
-    sizes = {int(t.shape[0]) if len(t.shape) else None for t in tensors}
-    if None in sizes:
+    if any(len(t.shape) == 0 for t in tensors):
         raise ValueError(
             "Every input of the LSUV batch needs a batch dimension; got a scalar. An unbatched dataset? Call "
             ".batch(n) on it."
         )
+    sizes = {int(t.shape[0]) for t in tensors}
     if len(sizes) > 1:
         raise ValueError(f"The inputs of the LSUV batch have different batch sizes: {sorted(sizes)}.")
     if sizes == {0}:

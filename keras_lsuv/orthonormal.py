@@ -71,8 +71,8 @@ class Orthonormal(keras.initializers.Initializer):
     def __init__(self, gain: float = 1.0, seed: int | keras.random.SeedGenerator | None = None) -> None:
         if isinstance(gain, bool) or not isinstance(gain, numbers.Real) or not math.isfinite(gain):
             raise ValueError(f"`gain` must be a finite number. Received: gain={gain!r}")
-        self.gain = float(gain)
-        self._init_seed = seed
+        self.gain: float = float(gain)
+        self._init_seed: Any = seed
         if seed is None:
             seed = python_random.randint(1, 10**9)
         elif isinstance(seed, dict):
@@ -81,7 +81,7 @@ class Orthonormal(keras.initializers.Initializer):
             raise ValueError(
                 f"`seed` must be an integer, a `keras.random.SeedGenerator` or None. Received: seed={seed!r}"
             )
-        self.seed = seed
+        self.seed: int | keras.random.SeedGenerator = seed
 
     def __call__(self, shape: Sequence[int], dtype: Any = None) -> Any:
         shape = tuple(shape)

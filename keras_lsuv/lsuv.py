@@ -13,6 +13,7 @@ from keras import ops
 from keras_lsuv.data import DEFAULT_NUM_SAMPLES, first_sample, prepare_batch
 from keras_lsuv.engines import ENGINES
 from keras_lsuv.inference import inference_mode
+from keras_lsuv.processes import agree_on, run_across_processes, shared_seed
 from keras_lsuv.report import LSUVReport
 from keras_lsuv.rescale import Criterion
 from keras_lsuv.targets import find_targets, redraw_orthonormal
@@ -20,6 +21,7 @@ from keras_lsuv.targets import find_targets, redraw_orthonormal
 MEASURES = ("preactivation", "output")
 
 
+@run_across_processes
 def lsuv_init(
     model: keras.Model,
     x: Any,
@@ -104,7 +106,7 @@ def lsuv_init(
         warnings.warn(f"LSUV skipped: {report.skipped_reason}", UserWarning, stacklevel=2)
         return report
 
-    batch = prepare_batch(model, x, num_samples)
+    batch = agree_on(lambda: prepare_batch(model, x, num_samples))  # a bad shard fails in every process
     if not model.built:
         with inference_mode():
             model(first_sample(batch), training=False)
@@ -118,7 +120,7 @@ def lsuv_init(
     saved = [(kernel, ops.copy(kernel.value)) for t in active for kernel in t.kernels]
     try:
         if orthonormal:
-            rng = np.random.default_rng(seed)
+            rng = np.random.default_rng(shared_seed(seed))
             for target in active:
                 redraw_orthonormal(target, rng)
         report.records = ENGINES[engine](model, batch, targets, measure, criterion, lambda _: progress.add(1))

@@ -1,0 +1,201 @@
+"""Several processes, one LSUV: the cross-process operations of a multi-process run, and nothing else.
+
+When training runs one process per host (JAX: `keras.distribution.initialize` with `DataParallel` or
+`ModelParallel`; TensorFlow: `tf.distribute.MultiWorkerMirroredStrategy`), each process passes its own shard of the
+data. For every process to end with the same kernels, the LSUV of the global batch, the processes exchange three
+things: whether each one's batch is usable (so that a bad shard fails everywhere at once, before any collective of
+the run), the seed of the orthonormal draw when none is given, and the statistics of every measurement. All three go
+through one primitive, `gather`. With one process there is no group: every function here returns at once.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+
+# A batch check's outcome travels as a fixed-size buffer (every process sends the same shape); longer messages are cut.
+MESSAGE_BYTES = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessGroup:
+    """The processes that run one LSUV together.
+
+    Args:
+        count: How many processes take part.
+        index: This process's rank, from 0.
+        gather_words: Gathers one int32 vector of the same length from every process; returns them stacked in rank
+            order, shape `(count, length)`.
+    """
+
+    count: int
+    index: int
+    gather_words: Callable[[np.ndarray], np.ndarray]
+
+
+_ACTIVE: contextvars.ContextVar[ProcessGroup | None] = contextvars.ContextVar("keras_lsuv_processes", default=None)
+
+
+def run_across_processes(run: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorates `run(model, ...)` so that its measurements are global over the processes training `model`.
+
+    Example:
+
+    >>> @run_across_processes
+    ... def lsuv_init(model, x, ...):
+    ...     batch = agree_on(lambda: prepare_batch(model, x))
+    """
+
+    @functools.wraps(run)
+    def run_in_group(model: keras.Model, *args: Any, **kwargs: Any) -> Any:
+        token = _ACTIVE.set(find_group(model))
+        try:
+            return run(model, *args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
+
+    return run_in_group
+
+
+def find_group(model: keras.Model) -> ProcessGroup | None:
+    """The processes that train `model` together, or `None` when this process trains it alone."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return _jax_group()
+    if backend == "tensorflow":
+        return _tensorflow_group(model)
+    return None  # Keras distributes torch and NumPy models over one process only.
+
+
+def gather(array: np.ndarray) -> np.ndarray | None:
+    """Every process's `array` (same shape and dtype everywhere), stacked in rank order; `None` with one process.
+
+    The bytes travel unchanged (as int32 words), so float64 statistics cross exactly even where the backend computes
+    in float32.
+    """
+    group = _ACTIVE.get()
+    if group is None:
+        return None
+    array = np.ascontiguousarray(array)
+    raw = np.frombuffer(array.tobytes() + b"\0" * (-array.nbytes % 4), dtype=np.int32)
+    stacked = np.ascontiguousarray(group.gather_words(raw), dtype=np.int32)
+    return np.stack([np.frombuffer(row.tobytes()[: array.nbytes], dtype=array.dtype) for row in stacked]).reshape(
+        (group.count, *array.shape)
+    )
+
+
+def shared_seed(seed: int | None) -> int | None:
+    """`seed` itself, or with `seed=None` under several processes, a random seed drawn by process 0 for all."""
+    if seed is not None or _ACTIVE.get() is None:
+        return seed
+    drawn = np.random.default_rng().integers(0, 2**31 - 1, dtype=np.int64)
+    return int(gather(np.array([drawn], dtype=np.int64))[0, 0])
+
+
+def agree_on(prepare: Callable[[], Any]) -> Any:
+    """Runs `prepare()` (which builds this process's batch) and fails in every process if it fails in any.
+
+    With several processes, each sends whether its `prepare()` raised, and the structure, dtypes and sample shapes of
+    its batch. If any process failed, or the batches do not fit together, every process raises the same
+    `ValueError`, before any collective of the run, so that none hangs waiting for the others.
+
+    Args:
+        prepare: Returns this process's batch; raises `ValueError` for a bad one.
+
+    Returns:
+        What `prepare()` returned.
+    """
+    if _ACTIVE.get() is None:
+        return prepare()
+    batch, error, outcome = None, None, {}
+    try:
+        batch = prepare()
+        outcome["samples"] = _describe_samples(batch)
+    except Exception as failure:  # every process must learn of it, whatever it is
+        error = failure
+        outcome["error"] = (
+            f"{type(failure).__name__}: {failure}" if not isinstance(failure, ValueError) else str(failure)
+        )
+    encoded = json.dumps(outcome).encode()
+    if len(encoded) > MESSAGE_BYTES:
+        encoded = json.dumps({key: value[: MESSAGE_BYTES // 2] + "..." for key, value in outcome.items()}).encode()
+    outcomes = [
+        json.loads(bytes(row).rstrip(b"\0"))
+        for row in gather(np.frombuffer(encoded.ljust(MESSAGE_BYTES, b"\0"), np.uint8))
+    ]
+    count = len(outcomes)
+    for rank, other in enumerate(outcomes):
+        if "error" in other:
+            raise ValueError(f"LSUV batch of process {rank} (of {count}): {other['error']}") from error
+    described = {other["samples"] for other in outcomes}
+    if len(described) > 1:
+        shapes = "; ".join(f"process {rank}: {other['samples']}" for rank, other in enumerate(outcomes))
+        raise ValueError(f"The processes' LSUV batches do not fit together (samples of different shapes): {shapes}.")
+    return batch
+
+
+def _describe_samples(batch: Any) -> str:
+    leaves = keras.tree.flatten(batch)
+    described = [
+        f"{keras.backend.standardize_dtype(leaf.dtype)}{tuple(int(d) for d in leaf.shape[1:])}" for leaf in leaves
+    ]
+    return ", ".join(described)
+
+
+def _jax_group() -> ProcessGroup | None:
+    import jax
+
+    if jax.process_count() == 1:
+        return None
+    # jax.distributed is initialized (by keras.distribution.initialize): gather through the processes' devices.
+    from jax.experimental import multihost_utils
+
+    return ProcessGroup(jax.process_count(), jax.process_index(), multihost_utils.process_allgather)
+
+
+def _tensorflow_group(model: keras.Model) -> ProcessGroup | None:
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy() if tf.distribute.has_strategy() else _strategy_of(model)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    resolver = strategy.cluster_resolver
+    spec = resolver.cluster_spec()
+    jobs = [job for job in ("chief", "worker") if job in spec.jobs]
+    count = sum(spec.num_tasks(job) for job in jobs)
+    if count <= 1:
+        return None
+    index = resolver.task_id + (spec.num_tasks("chief") if resolver.task_type == "worker" and "chief" in jobs else 0)
+
+    def gather_words(words: np.ndarray) -> np.ndarray:
+        # Cross-worker collectives run through the strategy, in cross-replica context. Each local replica sends a
+        # row; only the first one of each worker carries this process's words (flag 1), the others are dropped.
+        local_rows = []
+
+        def row(_: Any) -> Any:
+            local_rows.append(None)
+            flag = np.int32(1 if len(local_rows) == 1 else 0)
+            return tf.constant(np.concatenate([[flag], words]).astype(np.int32)[None])
+
+        per_replica = strategy.experimental_distribute_values_from_function(row)
+        rows = np.asarray(strategy.gather(per_replica, axis=0))
+        return rows[rows[:, 0] == 1, 1:]
+
+    return ProcessGroup(count, index, gather_words)
+
+
+def _strategy_of(model: keras.Model) -> Any:
+    # A model built in `strategy.scope()` keeps distributed variables that know their strategy, so LSUV finds it
+    # even when called outside the scope.
+    for weight in model.weights:
+        strategy = getattr(weight.value, "distribute_strategy", None)
+        if strategy is not None:
+            return strategy
+    return None

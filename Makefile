@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BACKENDS := tensorflow jax torch
 LINTED := keras_lsuv tests examples benchmarks scripts
 
-.PHONY: demo test lint docs unit distribution package bench-quick bench study-quick study clean
+.PHONY: demo test lint docs unit distribution multiprocess package bench-quick bench study-quick study clean
 
 $(STAMP): setup.cfg pyproject.toml requirements/dev.txt requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,9 @@ $(STAMP): setup.cfg pyproject.toml requirements/dev.txt requirements/constraints
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-# Lint, docs, the suite once per backend (separate processes), distribution tests, the wheel smoke test,
-# then a benchmark smoke run and a slice of the study.
-test: lint docs unit distribution package bench-quick study-quick
+# Lint, docs, the suite once per backend (separate processes), distribution and multi-process tests, the wheel
+# smoke test, then a benchmark smoke run and a slice of the study.
+test: lint docs unit distribution multiprocess package bench-quick study-quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
@@ -32,7 +32,7 @@ unit: $(STAMP)
 	@failed=""; for backend in $(BACKENDS); do \
 		echo "=== pytest, KERAS_BACKEND=$$backend"; \
 		KERAS_BACKEND=$$backend $(BIN)/python -m pytest tests -p no:cacheprovider -q \
-			--ignore=tests/distribution || failed="$$failed $$backend"; \
+			--ignore=tests/distribution --ignore=tests/multiprocess || failed="$$failed $$backend"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "FAILED backends:$$failed"; exit 1; fi
 
@@ -41,6 +41,11 @@ distribution: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 KERAS_BACKEND=jax \
 		$(BIN)/python -m pytest tests/distribution -p no:cacheprovider -q
 	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest tests/distribution -p no:cacheprovider -q
+
+# Each test process starts 2 worker processes on localhost (JAX: keras.distribution; TF: MultiWorkerMirroredStrategy).
+multiprocess: $(STAMP)
+	KERAS_BACKEND=jax $(BIN)/python -m pytest tests/multiprocess -p no:cacheprovider -q
+	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest tests/multiprocess -p no:cacheprovider -q
 
 # Builds the wheel and sdist, installs the wheel into a fresh venv and imports it there.
 package: $(STAMP)

@@ -51,6 +51,10 @@ def lsuv_init(
     If anything fails (bad data, non-finite outputs, an interrupt), every weight
     the run touched is restored before the exception propagates.
 
+    Under several processes (JAX `keras.distribution.initialize`, TensorFlow
+    `MultiWorkerMirroredStrategy`), every process calls it with its own shard
+    of the data and every process gets the LSUV of all shards together.
+
     Example:
 
     >>> model = keras.Sequential([keras.Input((64,)),
@@ -80,7 +84,8 @@ def lsuv_init(
             on the input it receives. `"submodel"`: re-runs a sub-model up to
             each layer after every rescale (Functional/Sequential models only;
             slow, kept as the reference).
-        seed: Integer seed for the orthonormal redraw; `None` draws at random.
+        seed: Integer seed for the orthonormal redraw; `None` draws at random
+            (in process 0, for all, under several processes).
         force: Run even if the model's optimizer has already taken steps.
         verbose: `"auto"` or 1: a progress bar and the per-layer table;
             2: the table only; 0: silent.
@@ -94,6 +99,8 @@ def lsuv_init(
         ValueError: For bad options, or a batch that is empty, not numeric, not
             finite or does not match the model's inputs, or a layer whose
             output becomes non-finite. The model's weights are unchanged then.
+            Under several processes, a bad batch in any process raises the
+            same error in every process.
     """
     criterion = check_options(target_variance, tolerance, max_iterations, measure, engine, verbose, num_samples)
     report = LSUVReport(engine=engine, measure=measure, target_variance=target_variance, tolerance=tolerance)

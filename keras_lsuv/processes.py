@@ -21,7 +21,7 @@ import keras
 import numpy as np
 
 # A batch check's outcome travels as a fixed-size buffer (every process sends the same shape); longer messages are cut.
-MESSAGE_BYTES = 2048
+MESSAGE_BYTES = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,9 +123,9 @@ def agree_on(prepare: Callable[[], Any]) -> Any:
         outcome["error"] = (
             f"{type(failure).__name__}: {failure}" if not isinstance(failure, ValueError) else str(failure)
         )
-    encoded = json.dumps(outcome).encode()
+    encoded = json.dumps(outcome).encode()  # ASCII: at most 12 bytes a character
     if len(encoded) > MESSAGE_BYTES:
-        encoded = json.dumps({key: value[: MESSAGE_BYTES // 2] + "..." for key, value in outcome.items()}).encode()
+        encoded = json.dumps({key: value[: MESSAGE_BYTES // 16] + "..." for key, value in outcome.items()}).encode()
     outcomes = [
         json.loads(bytes(row).rstrip(b"\0"))
         for row in gather(np.frombuffer(encoded.ljust(MESSAGE_BYTES, b"\0"), np.uint8))
@@ -175,18 +175,19 @@ def _tensorflow_group(model: keras.Model) -> ProcessGroup | None:
     index = resolver.task_id + (spec.num_tasks("chief") if resolver.task_type == "worker" and "chief" in jobs else 0)
 
     def gather_words(words: np.ndarray) -> np.ndarray:
-        # Cross-worker collectives run through the strategy, in cross-replica context. Each local replica sends a
-        # row; only the first one of each worker carries this process's words (flag 1), the others are dropped.
-        local_rows = []
+        # Cross-worker collectives run through the strategy, in cross-replica context. Each process puts its words
+        # in its own row of a zero matrix and the strategy sums the matrices of every replica (an eager all-reduce,
+        # exact on integers); only the first local replica of each process sends its words, the others zeros.
+        rows = np.zeros((count, words.size), np.int32)
+        rows[index] = words
+        local_replicas = []
 
-        def row(_: Any) -> Any:
-            local_rows.append(None)
-            flag = np.int32(1 if len(local_rows) == 1 else 0)
-            return tf.constant(np.concatenate([[flag], words]).astype(np.int32)[None])
+        def contribution(_: Any) -> Any:
+            local_replicas.append(None)
+            return tf.constant(rows if len(local_replicas) == 1 else np.zeros_like(rows))
 
-        per_replica = strategy.experimental_distribute_values_from_function(row)
-        rows = np.asarray(strategy.gather(per_replica, axis=0))
-        return rows[rows[:, 0] == 1, 1:]
+        per_replica = strategy.experimental_distribute_values_from_function(contribution)
+        return np.asarray(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
 
     return ProcessGroup(count, index, gather_words)
 

@@ -21,8 +21,9 @@ CASES = {
 }
 # `fit` with `LSUVCallback` on each process's shard.
 FIT = {"options": {}, "bias": True, "sizes": (64, 64)}
-# Cases where process 1's shard is bad: every process must raise the same ValueError, weights unchanged.
-FAILURES = ("nan", "empty", "wrong_shape")
+# Cases where process 1's shard is bad: every process must raise the same ValueError, weights unchanged. The first
+# three fail the batch check; "overflow" is finite but makes the first layer's statistics Inf in process 1 only.
+FAILURES = ("nan", "empty", "wrong_shape", "overflow")
 
 
 def make_model(bias=True):
@@ -56,6 +57,8 @@ def bad_shard(failure):
         return x
     if failure == "empty":
         return x[:0]
+    if failure == "overflow":
+        return x * np.float32(1e30)
     return x[:, :-1]  # wrong_shape
 
 

@@ -33,11 +33,16 @@ class ProcessGroup:
         index: This process's rank, from 0.
         gather_words: Gathers one int32 vector of the same length from every process; returns them stacked in rank
             order, shape `(count, length)`.
+        make_global: Where the model's variables are global arrays (JAX under `keras.distribution`): turns this
+            process's batch into its part of one global batch, laid out as `fit` lays out its batches, so that the
+            forward pass and every reduction in it are global. `None` where each process computes on its own batch
+            and the statistics are merged instead (TensorFlow).
     """
 
     count: int
     index: int
     gather_words: Callable[[np.ndarray], np.ndarray]
+    make_global: Callable[[Any], Any] | None = None
 
 
 _ACTIVE: contextvars.ContextVar[ProcessGroup | None] = contextvars.ContextVar("keras_lsuv_processes", default=None)
@@ -68,7 +73,7 @@ def find_group(model: keras.Model) -> ProcessGroup | None:
     """The processes that train `model` together, or `None` when this process trains it alone."""
     backend = keras.backend.backend()
     if backend == "jax":
-        return _jax_group()
+        return _jax_group(model)
     if backend == "tensorflow":
         return _tensorflow_group(model)
     return None  # Keras distributes torch and NumPy models over one process only.
@@ -91,6 +96,14 @@ def gather(array: np.ndarray) -> np.ndarray | None:
     )
 
 
+def gather_statistics(array: np.ndarray) -> np.ndarray | None:
+    """Like `gather`, for the statistics of a measurement; `None` where the measurement was global already."""
+    group = _ACTIVE.get()
+    if group is None or group.make_global is not None:
+        return None
+    return gather(array)
+
+
 def shared_seed(seed: int | None) -> int | None:
     """`seed` itself, or with `seed=None` under several processes, a random seed drawn by process 0 for all."""
     if seed is not None or _ACTIVE.get() is None:
@@ -104,60 +117,93 @@ def agree_on(prepare: Callable[[], Any]) -> Any:
 
     With several processes, each sends whether its `prepare()` raised, and the structure, dtypes and sample shapes of
     its batch. If any process failed, or the batches do not fit together, every process raises the same
-    `ValueError`, before any collective of the run, so that none hangs waiting for the others.
+    `ValueError`, before any collective of the run, so that none hangs waiting for the others. Where the model is
+    distributed over the processes (JAX), the batches must also have the same number of samples, and the batch
+    returned is this process's part of the global batch.
 
     Args:
         prepare: Returns this process's batch; raises `ValueError` for a bad one.
 
     Returns:
-        What `prepare()` returned.
+        What `prepare()` returned, or the global batch made of every process's.
     """
-    if _ACTIVE.get() is None:
+    group = _ACTIVE.get()
+    if group is None:
         return prepare()
-    batch, error, outcome = None, None, {}
-    try:
-        batch = prepare()
-        outcome["samples"] = _describe_samples(batch)
-    except Exception as failure:  # every process must learn of it, whatever it is
-        error = failure
-        outcome["error"] = (
-            f"{type(failure).__name__}: {failure}" if not isinstance(failure, ValueError) else str(failure)
-        )
-    encoded = json.dumps(outcome).encode()  # ASCII: at most 12 bytes a character
-    if len(encoded) > MESSAGE_BYTES:
-        encoded = json.dumps({key: value[: MESSAGE_BYTES // 16] + "..." for key, value in outcome.items()}).encode()
-    outcomes = [
-        json.loads(bytes(row).rstrip(b"\0"))
-        for row in gather(np.frombuffer(encoded.ljust(MESSAGE_BYTES, b"\0"), np.uint8))
-    ]
-    count = len(outcomes)
-    for rank, other in enumerate(outcomes):
-        if "error" in other:
-            raise ValueError(f"LSUV batch of process {rank} (of {count}): {other['error']}") from error
+    batch, outcomes = _run_everywhere(lambda: _described(prepare()))
     described = {other["samples"] for other in outcomes}
     if len(described) > 1:
         shapes = "; ".join(f"process {rank}: {other['samples']}" for rank, other in enumerate(outcomes))
         raise ValueError(f"The processes' LSUV batches do not fit together (samples of different shapes): {shapes}.")
-    return batch
+    if group.make_global is None:
+        return batch
+    sizes = [other["size"] for other in outcomes]
+    if len(set(sizes)) > 1:
+        raise ValueError(
+            "Under keras.distribution, every process must pass the same number of LSUV samples, as in fit (they "
+            f"form one global batch); got {', '.join(f'process {rank}: {n}' for rank, n in enumerate(sizes))}."
+        )
+    global_batch, _ = _run_everywhere(lambda: (group.make_global(batch), {}))
+    return global_batch
 
 
-def _describe_samples(batch: Any) -> str:
+def _described(batch: Any) -> tuple[Any, dict[str, Any]]:
     leaves = keras.tree.flatten(batch)
-    described = [
+    samples = ", ".join(
         f"{keras.backend.standardize_dtype(leaf.dtype)}{tuple(int(d) for d in leaf.shape[1:])}" for leaf in leaves
-    ]
-    return ", ".join(described)
+    )
+    return batch, {"samples": samples, "size": int(leaves[0].shape[0])}
 
 
-def _jax_group() -> ProcessGroup | None:
+def _run_everywhere(run: Callable[[], tuple[Any, dict[str, Any]]]) -> tuple[Any, list[dict[str, Any]]]:
+    """Runs `run()` here; if it raised here or in any other process, raises the same `ValueError` everywhere.
+
+    Returns what `run()` returned here, and the description (`run()`'s second value) sent by every process.
+    """
+    result, error = None, None
+    try:
+        result, outcome = run()
+    except Exception as failure:  # every process must learn of it, whatever it is
+        error = failure
+        outcome = {"error": str(failure) if isinstance(failure, ValueError) else f"{type(failure).__name__}: {failure}"}
+    encoded = json.dumps(outcome).encode()  # ASCII: at most 12 bytes a character
+    if len(encoded) > MESSAGE_BYTES:
+        encoded = json.dumps({"error": outcome.get("error", "")[: MESSAGE_BYTES // 16] + "..."}).encode()
+    rows = gather(np.frombuffer(encoded.ljust(MESSAGE_BYTES, b"\0"), np.uint8))
+    outcomes = [json.loads(bytes(row).rstrip(b"\0")) for row in rows]
+    for rank, other in enumerate(outcomes):
+        if "error" in other:
+            raise ValueError(f"LSUV batch of process {rank} (of {len(outcomes)}): {other['error']}") from error
+    return result, outcomes
+
+
+def _jax_group(model: keras.Model) -> ProcessGroup | None:
     import jax
+    from jax.experimental import multihost_utils
 
     if jax.process_count() == 1:
         return None
-    # jax.distributed is initialized (by keras.distribution.initialize): gather through the processes' devices.
-    from jax.experimental import multihost_utils
+    # jax.distributed is initialized (by keras.distribution.initialize). A model built under a distribution holds
+    # global arrays, and XLA may compute from any process's copy of a "replicated" value: the batch must be global
+    # too, as `fit` makes it (keras/src/backend/jax/trainer.py, `_distribute_data`).
+    distribution = keras.distribution.distribution()
+    distributed = any(not weight.value.is_fully_addressable for weight in model.weights)
+    if distributed and distribution is None:
+        raise ValueError(
+            f"The model '{model.name}' is distributed over {jax.process_count()} processes: call LSUV inside the "
+            "distribution's scope (or after keras.distribution.set_distribution), so that it can lay out the batch."
+        )
+    make_global = None
+    if distribution is not None and (distributed or not model.weights):
 
-    return ProcessGroup(jax.process_count(), jax.process_index(), multihost_utils.process_allgather)
+        def make_global(batch: Any) -> Any:
+            def to_global(local: Any) -> Any:
+                layout = distribution.get_data_layout(local.shape).backend_layout
+                return jax.make_array_from_process_local_data(layout, local)
+
+            return keras.tree.map_structure(to_global, batch)
+
+    return ProcessGroup(jax.process_count(), jax.process_index(), multihost_utils.process_allgather, make_global)
 
 
 def _tensorflow_group(model: keras.Model) -> ProcessGroup | None:

@@ -92,8 +92,11 @@ def moments(z: Any, groups: tuple[int, ...] | None = None) -> Moments:
 
 
 def _merge_processes(local: Moments) -> Moments:
-    """The moments over every process's tensor (count-weighted, so shards may differ in size); `local` alone."""
-    gathered = processes.gather(np.concatenate([[local.count], local.mean, local.m2]))
+    """The moments over every process's tensor (count-weighted, so shards may differ in size).
+
+    `local` itself with one process, or where the tensor is global already (JAX under `keras.distribution`).
+    """
+    gathered = processes.gather_statistics(np.concatenate([[local.count], local.mean, local.m2]))
     if gathered is None:
         return local
     groups = local.mean.size

@@ -10,7 +10,9 @@ import numpy as np
 PROCESSES = 2
 FEATURES = 16
 
-# Each case: the options of `lsuv_init`, whether the biases are non-zero, and the shard size of each process.
+# Each case: the options of `lsuv_init`, whether the biases are non-zero, the shard size of each process and, on
+# JAX, the distribution (DataParallel unless named; ModelParallel: batch axis over the processes, model axis over
+# each process's 2 devices).
 CASES = {
     "nonzero_bias": {"options": {}, "bias": True, "sizes": (64, 64)},
     "zero_bias": {"options": {}, "bias": False, "sizes": (64, 64)},
@@ -18,6 +20,7 @@ CASES = {
     "submodel": {"options": {"engine": "submodel"}, "bias": True, "sizes": (64, 64)},
     "unequal_shards": {"options": {}, "bias": True, "sizes": (40, 88)},
     "seed_none": {"options": {"seed": None}, "bias": True, "sizes": (64, 64)},
+    "model_parallel": {"options": {}, "bias": True, "sizes": (64, 64), "distribution": "model_parallel"},
 }
 # `fit` with `LSUVCallback` on each process's shard.
 FIT = {"options": {}, "bias": True, "sizes": (64, 64)}

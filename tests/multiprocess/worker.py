@@ -46,28 +46,41 @@ def main():
             job_addresses=f"localhost:{ports[0]}", num_processes=cases.PROCESSES, process_id=args.process_id
         )
         # Numpy inputs are this process's own shard: fit must not split them again.
-        distribution = keras.distribution.DataParallel(
+        data_parallel = keras.distribution.DataParallel(
             devices=keras.distribution.list_devices(), auto_shard_dataset=False
         )
-        scope = distribution.scope
+        keras.distribution.set_distribution(data_parallel)
+        scopes = {
+            "data_parallel": data_parallel.scope,
+            "model_parallel": model_parallel(keras).scope,
+        }
     else:
         import tensorflow as tf
 
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        scope = strategy.scope
+        scopes = {"data_parallel": tf.distribute.MultiWorkerMirroredStrategy().scope}
+    scope = scopes["data_parallel"]
 
-    weights, results = {}, {"process_count": None, "cases": {}}
+    weights, results = {}, {"cases": {}}
 
     for name, case in cases.CASES.items():
+        if case.get("distribution", "data_parallel") not in scopes:
+            continue  # ModelParallel: JAX only
+        case_scope = scopes[case.get("distribution", "data_parallel")]
         x = cases.shard(args.process_id, case["sizes"][args.process_id])
-        with scope():
+        with case_scope():
             model = cases.make_model(case["bias"])
         options = {"seed": 0, "verbose": 0, **case["options"]}
         start = time.perf_counter()
-        # Called outside the scope (TF: LSUV finds the strategy through the model's variables), but once inside.
-        with scope() if name == "zero_bias" else contextlib.nullcontext():
-            report = keras_lsuv.lsuv_init(model, x, **options)
-        results["cases"][name] = {"seconds": time.perf_counter() - start, "converged": report.converged}
+        # Outside the scope (TF: LSUV finds the strategy through the model's variables; JAX: the distribution set
+        # with set_distribution), but inside the scope for ModelParallel and once for DataParallel.
+        inside = name == "zero_bias" or case_scope is not scope
+        try:
+            with case_scope() if inside else contextlib.nullcontext():
+                report = keras_lsuv.lsuv_init(model, x, **options)
+        except ValueError as error:
+            results["cases"][name] = {"error": str(error)}
+            continue
+        results["cases"][name] = {"seconds": time.perf_counter() - start, "converged": report.converged, "error": None}
         for j, w in enumerate(cases.weights_of(model)):
             weights[f"{name}/{j}"] = w
 
@@ -94,6 +107,15 @@ def main():
     with open(os.path.join(args.out, f"process_{args.process_id}.json"), "w") as f:
         json.dump(results, f)
     print(f"process {args.process_id}: done", flush=True)
+
+
+def model_parallel(keras):
+    """Hidden kernels split over a "model" axis of each process's 2 devices; the batch axis spans the processes."""
+    devices = keras.distribution.list_devices()  # process 0's devices first
+    mesh = keras.distribution.DeviceMesh((2, 2), ["batch", "model"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*hidden_.*kernel"] = (None, "model")
+    return keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch", auto_shard_dataset=False)
 
 
 def run_fit(process_id, scope, weights):

@@ -30,9 +30,9 @@ class SimulatedPeer:
         return np.stack(rows)
 
 
-def in_group(peer, monkeypatch, run):
+def in_group(peer, monkeypatch, run, make_global=None):
     """Runs `run()` with `peer` as the process group, as `lsuv_init` runs under several processes."""
-    group = processes.ProcessGroup(2, peer.index, peer.gather_words)
+    group = processes.ProcessGroup(2, peer.index, peer.gather_words, make_global)
     monkeypatch.setattr(processes, "find_group", lambda model: group)
     return processes.run_across_processes(lambda model: run())(None)
 
@@ -119,3 +119,32 @@ def test_agreeing_batches_pass_through(monkeypatch):
         in_group(SimulatedPeer(outcome(samples="float32(16,)")), monkeypatch, lambda: processes.agree_on(lambda: batch))
         is batch
     )
+
+
+def test_a_distributed_model_measures_one_global_batch(monkeypatch):
+    batch = np.zeros((4, 16), "float32")
+    peer = SimulatedPeer(outcome(samples="float32(16,)", size=4), outcome())
+    made = in_group(peer, monkeypatch, lambda: processes.agree_on(lambda: batch), make_global=lambda b: ("global", b))
+    assert made == ("global", batch)
+    z = keras.ops.ones((4, 3))
+    in_group(SimulatedPeer(), monkeypatch, lambda: statistics.moments(z), make_global=lambda b: b)  # no exchange
+
+
+def test_a_distributed_model_needs_shards_of_one_size(monkeypatch):
+    peer = SimulatedPeer(outcome(samples="float32(16,)", size=88))
+    with pytest.raises(ValueError, match="same number of LSUV samples.*process 0: 40, process 1: 88"):
+        in_group(
+            peer,
+            monkeypatch,
+            lambda: processes.agree_on(lambda: np.zeros((40, 16), "float32")),
+            make_global=lambda b: b,
+        )
+
+
+def test_failing_to_make_the_global_batch_fails_everywhere(monkeypatch):
+    def make_global(batch):
+        raise RuntimeError("cannot lay out 3 samples over 2 devices")
+
+    peer = SimulatedPeer(outcome(samples="float32(16,)", size=3), outcome())
+    with pytest.raises(ValueError, match=r"process 0 \(of 2\): RuntimeError: cannot lay out"):
+        in_group(peer, monkeypatch, lambda: processes.agree_on(lambda: np.zeros((3, 16), "float32")), make_global)

@@ -2,10 +2,12 @@
 
 When training runs one process per host (JAX: `keras.distribution.initialize` with `DataParallel` or
 `ModelParallel`; TensorFlow: `tf.distribute.MultiWorkerMirroredStrategy`), each process passes its own shard of the
-data. For every process to end with the same kernels, the LSUV of the global batch, the processes exchange three
-things: whether each one's batch is usable (so that a bad shard fails everywhere at once, before any collective of
-the run), the seed of the orthonormal draw when none is given, and the statistics of every measurement. All three go
-through one primitive, `gather`. With one process there is no group: every function here returns at once.
+data, and every process must end with the same kernels: the LSUV of all shards together. The processes agree on
+whether every batch is usable (so that a bad shard fails everywhere at once, before any collective of the run) and
+on the seed of the orthonormal draw when none is given. Then, on JAX, the shards form one global batch and every
+measurement is global by construction; on TensorFlow, each process measures its own shard and the statistics of
+every measurement are gathered and merged. Every exchange goes through one primitive, `gather`. With one process
+there is no group and every function here returns at once.
 """
 
 from __future__ import annotations

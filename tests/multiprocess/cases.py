@@ -12,7 +12,7 @@ FEATURES = 16
 
 # Each case: the options of `lsuv_init`, whether the biases are non-zero, the shard size of each process and, on
 # JAX, the distribution (DataParallel unless named; ModelParallel: batch axis over the processes, model axis over
-# each process's 2 devices).
+# each process's 2 devices; none: a model of each process's own, whose statistics are merged).
 CASES = {
     "nonzero_bias": {"options": {}, "bias": True, "sizes": (64, 64)},
     "zero_bias": {"options": {}, "bias": False, "sizes": (64, 64)},
@@ -21,6 +21,7 @@ CASES = {
     "unequal_shards": {"options": {}, "bias": True, "sizes": (40, 88)},
     "seed_none": {"options": {"seed": None}, "bias": True, "sizes": (64, 64)},
     "model_parallel": {"options": {}, "bias": True, "sizes": (64, 64), "distribution": "model_parallel"},
+    "not_distributed": {"options": {}, "bias": True, "sizes": (40, 88), "distribution": "none"},
 }
 # `fit` with `LSUVCallback` on each process's shard.
 FIT = {"options": {}, "bias": True, "sizes": (64, 64)}

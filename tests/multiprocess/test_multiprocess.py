@@ -122,7 +122,7 @@ GLOBAL_CASES = [name for name, case in cases.CASES.items() if case["options"].ge
 @pytest.mark.parametrize("name", [name for name in GLOBAL_CASES if name != "unequal_shards"])
 def test_processes_end_with_the_lsuv_of_the_global_batch(runs, name):
     if name not in runs[1][0]["cases"]:
-        pytest.skip("ModelParallel is keras.distribution's (JAX)")
+        pytest.skip("a keras.distribution case (JAX)")
     assert_global_lsuv(runs, name)
 
 

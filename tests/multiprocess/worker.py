@@ -53,6 +53,7 @@ def main():
         scopes = {
             "data_parallel": data_parallel.scope,
             "model_parallel": model_parallel(keras).scope,
+            "none": without_distribution,
         }
     else:
         import tensorflow as tf
@@ -64,7 +65,7 @@ def main():
 
     for name, case in cases.CASES.items():
         if case.get("distribution", "data_parallel") not in scopes:
-            continue  # ModelParallel: JAX only
+            continue  # ModelParallel and no distribution: JAX only
         case_scope = scopes[case.get("distribution", "data_parallel")]
         x = cases.shard(args.process_id, case["sizes"][args.process_id])
         with case_scope():
@@ -107,6 +108,19 @@ def main():
     with open(os.path.join(args.out, f"process_{args.process_id}.json"), "w") as f:
         json.dump(results, f)
     print(f"process {args.process_id}: done", flush=True)
+
+
+@contextlib.contextmanager
+def without_distribution():
+    """No keras.distribution: each process's model lives on its own devices (JAX)."""
+    import keras
+
+    distribution = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(distribution)
 
 
 def model_parallel(keras):

@@ -12,8 +12,8 @@ COVERAGE_FLOOR := 95
 MIN := build/min
 MIN_BACKEND := jax
 
-.PHONY: demo test lint typecheck docs unit distribution package test-min report-figure bench-quick bench study-quick \
-	study clean
+.PHONY: demo test lint typecheck docs unit distribution multiprocess package test-min report-figure bench-quick \
+	bench study-quick study clean
 
 $(STAMP): setup.cfg pyproject.toml requirements/dev.txt requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,10 @@ $(STAMP): setup.cfg pyproject.toml requirements/dev.txt requirements/constraints
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-# Lint, type check, docs, the suite once per backend (separate processes, with coverage on one), distribution
-# tests, the wheel smoke test and twine check, the suite on the lowest declared versions, then a benchmark smoke
-# run and a slice of the study.
-test: lint typecheck docs unit distribution package test-min bench-quick study-quick
+# Lint, type check, docs, the suite once per backend (separate processes, with coverage on one), distribution and
+# multi-process tests, the wheel smoke test and twine check, the suite on the lowest declared versions, then a
+# benchmark smoke run and a slice of the study.
+test: lint typecheck docs unit distribution multiprocess package test-min bench-quick study-quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
@@ -47,7 +47,7 @@ unit: $(STAMP)
 		coverage=""; if [ $$backend = $(COVERAGE_BACKEND) ]; then \
 			coverage="--cov=keras_lsuv --cov-report=term-missing:skip-covered --cov-fail-under=$(COVERAGE_FLOOR)"; fi; \
 		KERAS_BACKEND=$$backend $(BIN)/python -m pytest tests -p no:cacheprovider -q \
-			--ignore=tests/distribution $$coverage || failed="$$failed $$backend"; \
+			--ignore=tests/distribution --ignore=tests/multiprocess $$coverage || failed="$$failed $$backend"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "FAILED backends:$$failed"; exit 1; fi
 
@@ -56,6 +56,11 @@ distribution: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 KERAS_BACKEND=jax \
 		$(BIN)/python -m pytest tests/distribution -p no:cacheprovider -q
 	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest tests/distribution -p no:cacheprovider -q
+
+# Each test process starts 2 worker processes on localhost (JAX: keras.distribution; TF: MultiWorkerMirroredStrategy).
+multiprocess: $(STAMP)
+	KERAS_BACKEND=jax $(BIN)/python -m pytest tests/multiprocess -p no:cacheprovider -q
+	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest tests/multiprocess -p no:cacheprovider -q
 
 # Builds the wheel and sdist, installs the wheel into a fresh venv and imports it there.
 package: $(STAMP)

@@ -14,10 +14,12 @@ from keras_lsuv.engines import ENGINES
 from keras_lsuv.guard import optimizer_steps, trained_weights_evidence
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.options import check_options, integer_seed
+from keras_lsuv.processes import agree_on, run_across_processes, shared_seed
 from keras_lsuv.report import LSUVReport
 from keras_lsuv.targets import find_targets, redraw_orthonormal
 
 
+@run_across_processes
 def lsuv_init(
     model: keras.Model,
     x: Any,
@@ -46,6 +48,10 @@ def lsuv_init(
 
     If anything fails (bad data, non-finite outputs, an interrupt), every weight
     the run touched is restored before the exception propagates.
+
+    Under several processes (JAX `keras.distribution.initialize`, TensorFlow
+    `MultiWorkerMirroredStrategy`), every process calls it with its own shard
+    of the data and every process gets the LSUV of all shards together.
 
     Example:
 
@@ -79,7 +85,8 @@ def lsuv_init(
             slow, kept as the reference).
         seed: Seed of the orthonormal redraw: `None` draws at random, a
             non-negative integer gives the same kernels on every backend, a
-            `keras.random.SeedGenerator` advances (a new draw each run).
+            `keras.random.SeedGenerator` advances (a new draw each run). Under
+            several processes, process 0 draws a `None` seed for all.
         force: Run even if the model's optimizer has already taken steps
             (skipped otherwise), and without the warning given when the
             weights look trained (biases moved from their initial constant).
@@ -95,7 +102,9 @@ def lsuv_init(
         ValueError: For bad options (each named), bad inputs (each named: see
             `docs/data.md`), a batch that is empty, not numeric, not finite or
             does not match the model's inputs, or a layer whose output becomes
-            non-finite. The model's weights are unchanged then.
+            non-finite. The model's weights are unchanged then. Under several
+            processes, a bad batch in any process raises the same error in
+            every process.
     """
     criterion = check_options(
         target_variance=target_variance,
@@ -127,7 +136,7 @@ def lsuv_init(
             stacklevel=2,
         )
 
-    batch = prepare_batch(model, x, num_samples)
+    batch = agree_on(lambda: prepare_batch(model, x, num_samples))  # a bad shard fails in every process
     if not model.built:
         with inference_mode():
             model(first_sample(batch), training=False)
@@ -141,7 +150,7 @@ def lsuv_init(
     saved = [(kernel, ops.copy(kernel.value)) for t in active for kernel in t.kernels]
     try:
         if orthonormal:
-            rng = np.random.default_rng(integer_seed(seed))
+            rng = np.random.default_rng(shared_seed(integer_seed(seed)))
             for target in active:
                 redraw_orthonormal(target, rng)
         report.records = ENGINES[engine](model, batch, targets, measure, criterion, lambda _: progress.add(1))

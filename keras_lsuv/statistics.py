@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from keras import ops
 
+from keras_lsuv import processes
+
 
 @dataclasses.dataclass(frozen=True)
 class Moments:
@@ -72,7 +74,8 @@ def moments(z: Any, groups: tuple[int, ...] | None = None) -> Moments:
             bias is (e.g. `(channels,)`, or `(1, channels, 1, 1)` for channels-first); `None` for one group.
 
     Returns:
-        The `Moments` of `z`. They are NaN or Inf when `z` is not finite.
+        The `Moments` of `z`; when several processes run LSUV together (see `keras_lsuv.processes`), those of every
+        process's `z` together. They are NaN or Inf when `z` is not finite.
     """
     z = ops.cast(z, "float32")
     rank = len(z.shape)
@@ -84,7 +87,24 @@ def moments(z: Any, groups: tuple[int, ...] | None = None) -> Moments:
     m2 = ops.sum(ops.square(ops.subtract(z, mean)), axis=axes)
     mean, m2 = np.asarray(ops.convert_to_numpy(ops.stack([ops.reshape(mean, (-1,)), ops.reshape(m2, (-1,))])))
     count = math.prod(int(size) for size in z.shape) / mean.size
-    return Moments(float(count), mean.astype("float64"), m2.astype("float64"))
+    local = Moments(float(count), mean.astype("float64"), m2.astype("float64"))
+    return _merge_processes(local)
+
+
+def _merge_processes(local: Moments) -> Moments:
+    """The moments over every process's tensor (count-weighted, so shards may differ in size).
+
+    `local` itself with one process, or where the tensor is global already (JAX under `keras.distribution`).
+    """
+    gathered = processes.gather_statistics(np.concatenate([[local.count], local.mean, local.m2]))
+    if gathered is None:
+        return local
+    groups = local.mean.size
+    # Merged in rank order from the same gathered values, so every process gets bit-identical moments.
+    merged = Moments(0.0, np.zeros(groups), np.zeros(groups))
+    for row in gathered:
+        merged = merged.merge(Moments(float(row[0]), row[1 : 1 + groups], row[1 + groups :]))
+    return merged
 
 
 def variance(z: Any) -> float:

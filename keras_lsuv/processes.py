@@ -88,8 +88,10 @@ def gather(array: np.ndarray) -> np.ndarray | None:
     in float32.
     """
     group = _ACTIVE.get()
-    if group is None:
-        return None
+    return None if group is None else _gather_in(group, array)
+
+
+def _gather_in(group: ProcessGroup, array: np.ndarray) -> np.ndarray:
     array = np.ascontiguousarray(array)
     raw = np.frombuffer(array.tobytes() + b"\0" * (-array.nbytes % 4), dtype=np.int32)
     stacked = np.ascontiguousarray(group.gather_words(raw), dtype=np.int32)
@@ -108,10 +110,11 @@ def gather_statistics(array: np.ndarray) -> np.ndarray | None:
 
 def shared_seed(seed: int | None) -> int | None:
     """`seed` itself, or with `seed=None` under several processes, a random seed drawn by process 0 for all."""
-    if seed is not None or _ACTIVE.get() is None:
+    group = _ACTIVE.get()
+    if seed is not None or group is None:
         return seed
     drawn = np.random.default_rng().integers(0, 2**31 - 1, dtype=np.int64)
-    return int(gather(np.array([drawn], dtype=np.int64))[0, 0])
+    return int(_gather_in(group, np.array([drawn], dtype=np.int64))[0, 0])
 
 
 def agree_on(prepare: Callable[[], Any]) -> Any:
@@ -132,12 +135,13 @@ def agree_on(prepare: Callable[[], Any]) -> Any:
     group = _ACTIVE.get()
     if group is None:
         return prepare()
-    batch, outcomes = _run_everywhere(lambda: _described(prepare()))
+    batch, outcomes = _run_everywhere(group, lambda: _described(prepare()))
     described = {other["samples"] for other in outcomes}
     if len(described) > 1:
         shapes = "; ".join(f"process {rank}: {other['samples']}" for rank, other in enumerate(outcomes))
         raise ValueError(f"The processes' LSUV batches do not fit together (samples of different shapes): {shapes}.")
-    if group.make_global is None:
+    make_global = group.make_global
+    if make_global is None:
         return batch
     sizes = [other["size"] for other in outcomes]
     if len(set(sizes)) > 1:
@@ -145,7 +149,7 @@ def agree_on(prepare: Callable[[], Any]) -> Any:
             "Under keras.distribution, every process must pass the same number of LSUV samples, as in fit (they "
             f"form one global batch); got {', '.join(f'process {rank}: {n}' for rank, n in enumerate(sizes))}."
         )
-    global_batch, _ = _run_everywhere(lambda: (group.make_global(batch), {}))
+    global_batch, _ = _run_everywhere(group, lambda: (make_global(batch), {}))
     return global_batch
 
 
@@ -157,7 +161,9 @@ def _described(batch: Any) -> tuple[Any, dict[str, Any]]:
     return batch, {"samples": samples, "size": int(leaves[0].shape[0])}
 
 
-def _run_everywhere(run: Callable[[], tuple[Any, dict[str, Any]]]) -> tuple[Any, list[dict[str, Any]]]:
+def _run_everywhere(
+    group: ProcessGroup, run: Callable[[], tuple[Any, dict[str, Any]]]
+) -> tuple[Any, list[dict[str, Any]]]:
     """Runs `run()` here; if it raised here or in any other process, raises the same `ValueError` everywhere.
 
     Returns what `run()` returned here, and the description (`run()`'s second value) sent by every process.
@@ -171,7 +177,7 @@ def _run_everywhere(run: Callable[[], tuple[Any, dict[str, Any]]]) -> tuple[Any,
     encoded = json.dumps(outcome).encode()  # ASCII: at most 12 bytes a character
     if len(encoded) > MESSAGE_BYTES:
         encoded = json.dumps({"error": outcome.get("error", "")[: MESSAGE_BYTES // 16] + "..."}).encode()
-    rows = gather(np.frombuffer(encoded.ljust(MESSAGE_BYTES, b"\0"), np.uint8))
+    rows = _gather_in(group, np.frombuffer(encoded.ljust(MESSAGE_BYTES, b"\0"), np.uint8))
     outcomes = [json.loads(bytes(row).rstrip(b"\0")) for row in rows]
     for rank, other in enumerate(outcomes):
         if "error" in other:
@@ -201,7 +207,7 @@ def _jax_group(model: keras.Model) -> ProcessGroup | None:
         def make_global(batch: Any) -> Any:
             def to_global(local: Any) -> Any:
                 layout = distribution.get_data_layout(local.shape).backend_layout
-                return jax.make_array_from_process_local_data(layout, local)
+                return jax.make_array_from_process_local_data(layout, local)  # type: ignore[no-untyped-call]
 
             return keras.tree.map_structure(to_global, batch)
 
@@ -228,7 +234,7 @@ def _tensorflow_group(model: keras.Model) -> ProcessGroup | None:
         # exact on integers); only the first local replica of each process sends its words, the others zeros.
         rows = np.zeros((count, words.size), np.int32)
         rows[index] = words
-        local_replicas = []
+        local_replicas: list[None] = []
 
         def contribution(_: Any) -> Any:
             local_replicas.append(None)

@@ -17,9 +17,9 @@ from packaging.requirements import Requirement
 SETUP_CFG = Path(__file__).resolve().parent.parent / "setup.cfg"
 
 
-def declared_requirements(extras):
+def declared_requirements(extras, setup_cfg=SETUP_CFG):
     config = configparser.ConfigParser()
-    config.read(SETUP_CFG)
+    config.read(setup_cfg)
     lines = config["options"]["install_requires"].splitlines()
     for extra in extras:
         lines += config["options.extras_require"][extra].splitlines()

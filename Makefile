@@ -81,9 +81,10 @@ package: $(STAMP)
 # that need torch, TensorFlow, scikit-learn or mnist1d are left out or skip.
 test-min: $(STAMP)
 	rm -rf $(MIN) && mkdir -p build
-	$(BIN)/python scripts/lowest_requirements.py $(MIN_BACKEND) > build/min-constraints.txt
 	$(PYTHON) -m venv $(MIN)
-	$(MIN)/bin/python -m pip install -q -c build/min-constraints.txt ".[$(MIN_BACKEND)]" pytest hypothesis
+	$(BIN)/python scripts/lowest_requirements.py $(MIN_BACKEND) --python-version \
+		"$$($(MIN)/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')" > $(MIN)/constraints.txt
+	$(MIN)/bin/python -m pip install -q -c $(MIN)/constraints.txt ".[$(MIN_BACKEND)]" pytest hypothesis
 	KERAS_BACKEND=$(MIN_BACKEND) $(MIN)/bin/python -c "import keras, numpy; \
 		print('test-min: keras', keras.__version__, 'numpy', numpy.__version__, 'on', keras.backend.backend())"
 	KERAS_BACKEND=$(MIN_BACKEND) $(MIN)/bin/python -m pytest tests -p no:cacheprovider -q \

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
@@ -122,14 +122,25 @@ def _skip_reason(layer: keras.layers.Layer) -> str | None:
 
 
 @contextlib.contextmanager
-def without_activation(layer: keras.layers.Layer) -> Iterator[Any]:
-    """Temporarily replaces the layer's fused activation by the identity; yields the original."""
+def without_activation(layer: keras.layers.Layer) -> Iterator[Callable[[Any], Any]]:
+    """Temporarily makes the layer's fused activation the identity; yields the original as a callable.
+
+    `activation=None` (which Keras's layers accept) yields the identity. The attribute is written to the
+    instance's `__dict__` directly: on torch a Keras layer used as an activation is a registered child module,
+    which torch's `Module.__setattr__` refuses to replace by a function. The instance's own attribute, if any,
+    is put back exactly as it was.
+    """
     activation = layer.activation
-    layer.activation = keras.activations.linear
+    state = vars(layer)
+    had_own, own = "activation" in state, state.get("activation")
+    state["activation"] = keras.activations.linear
     try:
-        yield activation
+        yield keras.activations.linear if activation is None else activation
     finally:
-        layer.activation = activation
+        if had_own:
+            state["activation"] = own
+        else:
+            del state["activation"]
 
 
 def redraw_orthonormal(target: Target, rng: np.random.Generator) -> None:

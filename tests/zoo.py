@@ -89,40 +89,57 @@ def target_layers(model):
     return found
 
 
-def preactivation_variances(model, x):
-    """Each target layer's pre-activation variance on the inputs it receives in a plain forward pass.
+def _is_tracer(value):
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
 
-    Independent of the engines: the pass only records each target's first inputs, then each layer is
-    called again with its activation replaced by the identity.
+    return isinstance(value, jax.core.Tracer)
+
+
+def preactivation_variances(model, x):
+    """Each target layer's pre-activation variance over every call of it in a plain forward pass.
+
+    Independent of the engines: the pass records the inputs of every eager call of each target, then each
+    recorded call is evaluated again with the layer's activation replaced by the identity (written to the
+    instance's `__dict__`, so that a Keras layer used as an activation works on torch too), and the variance is
+    taken over all the calls' outputs together. Calls inside JAX control flow (tracers) are not recorded.
     """
     captured = {}
     targets = target_layers(model)
 
     def recorder(layer, original):
         def call(*args, **kwargs):
-            captured.setdefault(id(layer), (args, kwargs))
+            if not any(_is_tracer(v) for v in keras.tree.flatten((args, kwargs))):
+                captured.setdefault(id(layer), []).append((args, kwargs))
             return original(*args, **kwargs)
 
         return call
 
     for layer in targets:
-        layer.call = recorder(layer, layer.call)
+        vars(layer)["call"] = recorder(layer, layer.call)
     try:
         model(x, training=False)
     finally:
         for layer in targets:
-            del layer.call
+            del vars(layer)["call"]
     variances = {}
     for layer in targets:
         if id(layer) not in captured:
             continue
-        args, kwargs = captured[id(layer)]
-        activation, layer.activation = layer.activation, keras.activations.linear
+        outputs = []
+        state = vars(layer)
+        had_own, own = "activation" in state, state.get("activation")
+        state["activation"] = keras.activations.linear
         try:
-            z = layer.call(*args, **kwargs)
+            for args, kwargs in captured[id(layer)]:
+                outputs.append(keras.ops.convert_to_numpy(layer.call(*args, **kwargs)).astype("float64").ravel())
         finally:
-            layer.activation = activation
-        variances[layer.name] = float(np.var(keras.ops.convert_to_numpy(z).astype("float64")))
+            if had_own:
+                state["activation"] = own
+            else:
+                del state["activation"]
+        variances[layer.name] = float(np.var(np.concatenate(outputs)))
     return variances
 
 

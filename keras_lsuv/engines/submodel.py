@@ -7,15 +7,15 @@ Nested models are entered with their inputs computed once by the outer prefix.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import keras
-from keras import ops
 
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.report import LayerRecord
-from keras_lsuv.rescale import Criterion, find_scale, scale_kernel
+from keras_lsuv.rescale import Criterion, ScaleLimit, find_scale, float32_copy, write_kernel
 from keras_lsuv.statistics import variance
 from keras_lsuv.targets import Target, find_targets, without_activation
 
@@ -74,12 +74,15 @@ def _rescale_with_submodel(
         return target.skipped_record()
     submodel = keras.Model(graph.inputs, layer.output)
     kernel = target.scaled_kernel
-    original = ops.copy(kernel.value)
+    original = float32_copy(kernel)
 
     def variance_at(scale: float) -> float:
-        scale_kernel(kernel, original, scale)
+        if not write_kernel(kernel, original, scale):
+            return math.nan
         with without_activation(layer) as activation:
             z = submodel(graph_batch, training=False)
         return variance(z if measure == "preactivation" else activation(z))
 
-    return find_scale(target, variance_at, criterion)
+    record = find_scale(target, variance_at, criterion, ScaleLimit.of(kernel, original, layer, 0.0))
+    write_kernel(kernel, original, record.scale)
+    return record

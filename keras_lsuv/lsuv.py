@@ -115,7 +115,8 @@ def lsuv_init(
 
     verbose = 1 if verbose == "auto" else verbose
     progress = keras.utils.Progbar(len(active), verbose=int(verbose == 1), unit_name="layer")
-    saved = [(kernel, ops.copy(kernel.value)) for t in active for kernel in t.kernels]
+    for target in active:
+        target.save_kernels()
     # The forward pass runs stateful layers (a stateful RNN updates its state): put their state back afterwards.
     states = [(state, ops.copy(state.value)) for state in _layer_states(model)]
     try:
@@ -124,10 +125,10 @@ def lsuv_init(
             for target in active:
                 redraw_orthonormal(target, rng)
         report.records = ENGINES[engine](model, batch, targets, measure, criterion, lambda _: progress.add(1))
-        unmeasured = _restore_unmeasured(active, report.records, saved)
+        unmeasured = _restore_unmeasured(active, report.records)
     except BaseException:
-        for kernel, value in saved:
-            kernel.assign(value)
+        for target in active:
+            target.restore_kernels()
         raise
     finally:
         for state, value in states:
@@ -189,14 +190,12 @@ def check_options(
     return Criterion(float(target_variance), float(tolerance), max_iterations)
 
 
-def _restore_unmeasured(active: list[Target], records: list[LayerRecord], saved: list[Any]) -> list[LayerRecord]:
+def _restore_unmeasured(active: list[Target], records: list[LayerRecord]) -> list[LayerRecord]:
     """Puts back the kernels of the active targets the engine did not measure (step 1 redrew them)."""
     by_name = {r.name: r for r in records}
     unmeasured = [t for t in active if by_name[t.layer.name].skipped]
-    kernels = {id(kernel) for t in unmeasured for kernel in t.kernels}
-    for kernel, value in saved:
-        if id(kernel) in kernels:
-            kernel.assign(value)
+    for target in unmeasured:
+        target.restore_kernels()
     return [by_name[t.layer.name] for t in unmeasured]
 
 

@@ -56,7 +56,9 @@ class ScaleLimit:
         limits = [cls()]
         kernel_peak = float(ops.convert_to_numpy(ops.max(ops.abs(original))))
         if kernel_peak > 0:
-            limits.append(cls(DTYPE_MARGIN * _largest(kernel.dtype) / kernel_peak, _dtype_name(kernel.dtype)))
+            # The kernel is stored in its own dtype and cast to the compute dtype in the forward pass.
+            for dtype in (variable_dtype(kernel), _dtype_name(layer.compute_dtype)):
+                limits.append(cls(DTYPE_MARGIN * _largest(dtype) / kernel_peak, dtype))
         if output_peak > 0:
             limits.append(cls(DTYPE_MARGIN * _largest(layer.compute_dtype) / output_peak, layer.compute_dtype))
         return min(limits, key=lambda limit: limit.scale)
@@ -142,12 +144,18 @@ def write_kernel(kernel: keras.Variable, original: Any, scale: float) -> bool:
     Returns:
         Whether the kernel was written (False: the scaled kernel is not representable in its dtype).
     """
-    value = ops.cast(ops.multiply(original, scale), kernel.dtype)
+    value = ops.cast(ops.multiply(original, scale), variable_dtype(kernel))
     if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(value)))):
         return False
     with _no_autocast():
         kernel.assign(value)
     return True
+
+
+def variable_dtype(kernel: keras.Variable) -> str:
+    """The variable's own dtype (inside an autocast scope `kernel.dtype` is the scope's dtype)."""
+    with _no_autocast():
+        return _dtype_name(kernel.value.dtype)
 
 
 def _no_autocast() -> Any:

@@ -41,10 +41,21 @@ class Target:
         layer: The Keras layer.
         skip_reason: Why it is left alone (frozen, kernel not a plain
             variable), else `None`.
+        before: The kernels as they were before the run (`save_kernels`).
     """
 
     layer: keras.layers.Layer
     skip_reason: str | None = None
+    before: list[Any] | None = dataclasses.field(default=None, repr=False)
+
+    def save_kernels(self) -> None:
+        """Keeps a copy of the kernels as they are now, for `restore_kernels`."""
+        self.before = [ops.copy(kernel.value) for kernel in self.kernels]
+
+    def restore_kernels(self) -> None:
+        """Puts back the kernels saved by `save_kernels` (a target LSUV does not measure keeps them)."""
+        for kernel, value in zip(self.kernels, self.before or [], strict=False):
+            kernel.assign(value)
 
     @property
     def scaled_kernel(self) -> keras.Variable:

@@ -28,7 +28,7 @@ from keras import ops
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.interception import intercepted_calls, is_traced
 from keras_lsuv.report import LayerRecord
-from keras_lsuv.rescale import Criterion, ScaleLimit, find_scale, float32_copy, write_kernel
+from keras_lsuv.rescale import Criterion, ScaleLimit, find_scale, float32_copy, variable_dtype, write_kernel
 from keras_lsuv.statistics import Moments, moments, variance
 from keras_lsuv.targets import Target, without_activation
 
@@ -145,7 +145,10 @@ class _SinglePass:
             return call
 
         by_layer = {id(t.layer): t for t in self.targets}
+        traced_before = set(self.traced)
         self._forward([t.layer for t in self.targets], make_call)
+        for key in self.traced - traced_before:
+            by_layer[key].restore_kernels()  # not measured: it keeps its kernel, and the layers after see that one
         items = list(tentative.values())
         index, cause = halt[0] if halt else (len(items), None)
         for target, record in items[:index]:
@@ -276,6 +279,7 @@ def _output_peak(layer: keras.layers.Layer, z: Any) -> float:
 
 
 def _unwritable(record: LayerRecord, kernel: keras.Variable) -> LayerRecord:
-    record.reason = f"the kernel scaled by {record.scale:.4g} is not finite in {kernel.dtype}; it keeps its values"
+    dtype = variable_dtype(kernel)
+    record.reason = f"the kernel scaled by {record.scale:.4g} is not finite in {dtype}; it keeps its values"
     record.converged, record.final_variance, record.scale = False, record.initial_variance, 1.0
     return record

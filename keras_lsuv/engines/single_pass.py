@@ -174,11 +174,12 @@ class _SinglePass:
         layer = target.layer
         with without_activation(layer) as activation:
             preactivation = original_call(*args, **kwargs)
-        if not target.is_linear_in_kernel:
+        if not target.is_linear_in_kernel or not _computes_in_full_precision(layer):
             return self._rescale_by_reevaluation(target, original_call, args, kwargs, activation, preactivation)
 
         # Pre-activation z = L + B, with L linear in the kernel and B the bias: scaling the kernel by s gives
-        # s·L + B = s·z + (1 - s)·B, so no re-evaluation is needed.
+        # s·L + B = s·z + (1 - s)·B, so no re-evaluation is needed. Only in float32/float64: in float16 or
+        # bfloat16, z - B loses L in the rounding of z when the bias dominates, and s multiplies that error.
         z = ops.cast(preactivation, "float32")  # a no-op for float32
         bias = target.bias_term(z)
 
@@ -212,7 +213,11 @@ class _SinglePass:
         activation: Callable[[Any], Any],
         preactivation: Any,
     ) -> tuple[LayerRecord, Any]:
-        """For layers with a `call` of their own: rescale the kernel and call the layer again, as the paper does."""
+        """Rescale the kernel and call the layer again, as the paper does.
+
+        For layers with a `call` of their own, and for float16/bfloat16 layers (whose output the arithmetic
+        shortcut cannot predict exactly).
+        """
         layer, kernel = target.layer, target.scaled_kernel
         original = self.originals[id(layer)]
         latest = {"scale": 1.0, "preactivation": preactivation}
@@ -226,7 +231,7 @@ class _SinglePass:
             z = latest["preactivation"]
             return variance(z if self.measure == "preactivation" else activation(z))
 
-        limit = ScaleLimit.of(kernel, original, layer, 0.0)
+        limit = ScaleLimit.of(kernel, original, layer, _output_peak(layer, preactivation))
         with _as_lsuv_error():
             record = find_scale(target, variance_at, self.criterion, limit)
         return record, activation(latest["preactivation"])
@@ -269,6 +274,10 @@ def _preactivation_variance(z: Any, bias: Any) -> Callable[[float], float]:
     stats = moments(z, tuple(bias.shape))
     offsets = np.asarray(ops.convert_to_numpy(bias), dtype="float64").reshape(-1)
     return lambda scale: stats.variance(scale, offsets)
+
+
+def _computes_in_full_precision(layer: keras.layers.Layer) -> bool:
+    return keras.backend.standardize_dtype(layer.compute_dtype) in ("float32", "float64")
 
 
 def _output_peak(layer: keras.layers.Layer, z: Any) -> float:

@@ -65,7 +65,11 @@ class ScaleLimit:
 
 
 def find_scale(
-    target: Target, variance_at: Callable[[float], float], criterion: Criterion, limit: ScaleLimit = ScaleLimit()
+    target: Target,
+    variance_at: Callable[[float], float],
+    criterion: Criterion,
+    limit: ScaleLimit = ScaleLimit(),
+    floor: float | None = None,
 ) -> LayerRecord:
     """Runs LSUV's loop: while `|var - target| >= tol` and fewer than `T_max` rescales, `scale *= sqrt(target / var)`.
 
@@ -76,6 +80,9 @@ def find_scale(
         criterion: Target variance, tolerance and iteration limit.
         limit: The largest scale the layer's dtypes can hold; a layer that
             would need more stops there, not converged.
+        floor: The variance at kernel scale 0 (the bias alone), when known:
+            if it is above the target, no scale can reach the target and
+            the kernel is left as it is instead of being shrunk towards 0.
 
     Returns:
         The layer's record; `record.scale` is the factor to apply to the kernel.
@@ -94,6 +101,9 @@ def find_scale(
                 f"(output variance {current}) at kernel scale {scale:.4g}. Check the batch and the layers before it."
             )
         if abs(current - goal) < criterion.tolerance or iterations >= criterion.max_iterations:
+            break
+        if floor is not None and floor >= goal + criterion.tolerance and current > goal:
+            reason = f"the bias alone gives a variance of {floor:.3g}, above the target: no kernel scale can reach it"
             break
         if current <= MIN_RELATIVE_VARIANCE * goal:
             reason = f"output variance {current:.3g} is too small to rescale safely"

@@ -317,3 +317,40 @@ def test_lsuv_error_from_inside_a_layer_reads_as_lsuv_message():
         run(model, zoo.batch_for(model))
     message = str(error.value)
     assert message.startswith("LSUV: layer 'after'") and "Exception encountered" not in message
+
+
+def test_a_bias_above_the_target_keeps_the_kernel_and_says_why():
+    model = keras.Sequential([keras.Input((16,)), layers.Dense(8, activation="relu"), layers.Dense(4)])
+    x = zoo.batch_for(model)
+    model(x[:2])
+    model.layers[0].bias.assign(np.linspace(-3.0, 3.0, 8).astype("float32"))  # variance 3.9 from the bias alone
+    with pytest.warns(UserWarning, match=r"the bias alone gives a variance of 3\.8"):
+        report = run(model, x)
+    record = report.records[0]
+    assert not record.converged and record.scale == 1.0
+    assert report.records[1].converged
+
+
+def test_submodel_engine_refuses_a_shared_layer():
+    inputs = keras.Input((16,))
+    shared = layers.Dense(16, name="shared")
+    model = keras.Model(inputs, shared(shared(inputs)))
+    x = zoo.batch_for(model)
+    before = zoo.weights_of(model)
+    with pytest.raises(ValueError, match="'shared' is called 2 times"):
+        run(model, x, engine="submodel")
+    for a, b in zip(before, zoo.weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16"], indirect=True)
+def test_callback_under_mixed_precision_sets_what_fit_trains_from(policy):
+    model = mlp()
+    x = scaled_batch(model, 300.0)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    model(x[:2])
+    before = zoo.kernels_by_layer(model)
+    callback = keras_lsuv.LSUVCallback(x, seed=0, verbose=0)
+    model.fit(x, np.zeros((len(x), 4), "float32"), epochs=1, batch_size=len(x), verbose=0, callbacks=[callback])
+    assert callback.report.converged
+    zoo.assert_report_is_true(model, x, callback.report, before)

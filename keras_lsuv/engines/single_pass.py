@@ -187,8 +187,10 @@ class _SinglePass:
             scaled = ops.multiply(z, scale)
             return scaled if bias is None else ops.add(scaled, ops.multiply(bias, 1.0 - scale))
 
+        floor = None  # the least variance of the pre-activation over all scales: the bias may keep it above target
         if self.measure == "preactivation":
             variance_at = _preactivation_variance(z, bias)
+            floor = None if bias is None else _lowest_variance(variance_at)
         else:
 
             def variance_at(scale: float) -> float:
@@ -197,7 +199,7 @@ class _SinglePass:
         kernel, original = target.scaled_kernel, self.originals[id(layer)]
         limit = ScaleLimit.of(kernel, original, layer, _output_peak(layer, z))
         with _as_lsuv_error():
-            record = find_scale(target, variance_at, self.criterion, limit)
+            record = find_scale(target, variance_at, self.criterion, limit, floor)
         if record.scale == 1.0:
             return record, activation(preactivation)
         if not write_kernel(kernel, original, record.scale):
@@ -274,6 +276,14 @@ def _preactivation_variance(z: Any, bias: Any) -> Callable[[float], float]:
     stats = moments(z, tuple(bias.shape))
     offsets = np.asarray(ops.convert_to_numpy(bias), dtype="float64").reshape(-1)
     return lambda scale: stats.variance(scale, offsets)
+
+
+def _lowest_variance(variance_at: Callable[[float], float]) -> float:
+    """The least variance any kernel scale s >= 0 gives: the pre-activation variance is a quadratic in s."""
+    v0, v1, v2 = variance_at(0.0), variance_at(1.0), variance_at(2.0)
+    a = (v2 - 2 * v1 + v0) / 2
+    b = v1 - v0 - a
+    return v0 - b * b / (4 * a) if a > 0 and b < 0 else v0
 
 
 def _computes_in_full_precision(layer: keras.layers.Layer) -> bool:

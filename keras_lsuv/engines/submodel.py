@@ -41,6 +41,11 @@ def run_submodel(
                 # `Functional.input` would give the nested model's own Input instead.
                 prefix = keras.Model(graph.inputs, keras.Operation.input.fget(layer))
                 visit(layer, prefix(graph_batch, training=False))
+            elif id(layer) in by_layer and len(layer._inbound_nodes) > 1:  # Keras's list of the layer's calls
+                raise ValueError(
+                    f"engine='submodel' measures a layer at one of its calls, but layer '{layer.name}' is called "
+                    f"{len(layer._inbound_nodes)} times: LSUV measures over all of them. Use engine='single_pass'."
+                )
             elif id(layer) in by_layer:
                 records.append(_rescale_with_submodel(by_layer.pop(id(layer)), graph, graph_batch, measure, criterion))
                 if not records[-1].skipped:

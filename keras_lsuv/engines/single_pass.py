@@ -79,8 +79,10 @@ class _SinglePass:
     ) -> None:
         self.model, self.batch, self.targets = model, batch, targets
         self.measure, self.criterion, self.on_record = measure, criterion, on_record
-        # The kernels as step 1 left them, in float32, read outside any autocast scope.
-        self.originals = {id(t.layer): float32_copy(t.scaled_kernel) for t in targets if not t.skip_reason}
+        self.active = {id(t.layer) for t in targets if not t.skip_reason}
+        # The kernels as step 1 left them, in float32, read outside any autocast scope when a layer is first
+        # processed and dropped once it is final, so at most the kernels of one pass's tentative layers are copied.
+        self.originals: dict[int, Any] = {}
         self.final: dict[int, LayerRecord] = {}
         self.reached: dict[int, Target] = {}
         self.multi_call: set[int] = set()
@@ -102,7 +104,13 @@ class _SinglePass:
         return records
 
     def _pending(self, key: int) -> bool:
-        return key in self.originals and key not in self.final and key not in self.traced
+        return key in self.active and key not in self.final and key not in self.traced
+
+    def _original(self, target: Target) -> Any:
+        key = id(target.layer)
+        if key not in self.originals:
+            self.originals[key] = float32_copy(target.scaled_kernel)
+        return self.originals[key]
 
     def _inline_pass(self) -> Target | None:
         """One pass rescaling each target on its first call; returns the target it halted at, if it did."""
@@ -154,11 +162,12 @@ class _SinglePass:
         for target, record in items[:index]:
             self._finish(target, record)
         for target, _ in items[index:]:
-            write_kernel(target.scaled_kernel, self.originals[id(target.layer)], 1.0)  # undo: it is redone later
+            write_kernel(target.scaled_kernel, self._original(target), 1.0)  # undo: it is redone later
         return cause
 
     def _finish(self, target: Target, record: LayerRecord) -> None:
         self.final[id(target.layer)] = record
+        self.originals.pop(id(target.layer), None)
         self.on_record(record)
 
     def _forward(self, layers: list[keras.layers.Layer], make_call: Callable[..., Callable[..., Any]]) -> None:
@@ -196,7 +205,7 @@ class _SinglePass:
             def variance_at(scale: float) -> float:
                 return variance(activation(at_scale(scale)))
 
-        kernel, original = target.scaled_kernel, self.originals[id(layer)]
+        kernel, original = target.scaled_kernel, self._original(target)
         limit = ScaleLimit.of(kernel, original, layer, _output_peak(layer, z))
         with _as_lsuv_error():
             record = find_scale(target, variance_at, self.criterion, limit, floor)
@@ -221,7 +230,7 @@ class _SinglePass:
         shortcut cannot predict exactly).
         """
         layer, kernel = target.layer, target.scaled_kernel
-        original = self.originals[id(layer)]
+        original = self._original(target)
         latest = {"scale": 1.0, "preactivation": preactivation}
 
         def variance_at(scale: float) -> float:
@@ -241,7 +250,7 @@ class _SinglePass:
     def _rescale_by_passes(self, target: Target) -> LayerRecord:
         """For a layer called several times per pass: one forward pass per iteration, measured over every call."""
         layer, kernel = target.layer, target.scaled_kernel
-        original = self.originals[id(layer)]
+        original = self._original(target)
 
         def make_call(layer: keras.layers.Layer, original_call: Callable[..., Any]) -> Callable[..., Any]:
             def call(*args: Any, **kwargs: Any) -> Any:

@@ -41,10 +41,10 @@ def run_submodel(
                 # `Functional.input` would give the nested model's own Input instead.
                 prefix = keras.Model(graph.inputs, keras.Operation.input.fget(layer))
                 visit(layer, prefix(graph_batch, training=False))
-            elif id(layer) in by_layer and len(layer._inbound_nodes) > 1:  # Keras's list of the layer's calls
+            elif id(layer) in by_layer and (calls := _calls_in(graph, layer)) > 1:
                 raise ValueError(
                     f"engine='submodel' measures a layer at one of its calls, but layer '{layer.name}' is called "
-                    f"{len(layer._inbound_nodes)} times: LSUV measures over all of them. Use engine='single_pass'."
+                    f"{calls} times: LSUV measures over all of them. Use engine='single_pass'."
                 )
             elif id(layer) in by_layer:
                 records.append(_rescale_with_submodel(by_layer.pop(id(layer)), graph, graph_batch, measure, criterion))
@@ -61,6 +61,14 @@ def run_submodel(
         visit(model, batch)
     records += [target.skipped_record() for target in by_layer.values()]
     return records
+
+
+def _calls_in(graph: keras.Model, layer: keras.layers.Layer) -> int:
+    """How many nodes (calls) of `layer` the graph has. Keras keeps them in private attributes only: a layer's
+    `_inbound_nodes` also holds nodes of other graphs (a Sequential re-creates its graph on every `add`)."""
+    graph = getattr(graph, "_functional", graph)  # a Sequential's graph is the Functional it keeps
+    nodes = {id(node) for depth_nodes in graph._nodes_by_depth.values() for node in depth_nodes}
+    return sum(id(node) in nodes for node in layer._inbound_nodes)
 
 
 def _check_is_graph(model: keras.Model, what: str) -> None:

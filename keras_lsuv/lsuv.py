@@ -44,7 +44,10 @@ def lsuv_init(
     variance of the layer's output is within `tolerance` of `target_variance`,
     at most `max_iterations` times. Target layers: trainable `Dense`,
     `EinsumDense`, `ConvND`, `ConvNDTranspose`, `DepthwiseConvND` and
-    `SeparableConvND`, wherever they sit in the model.
+    `SeparableConvND`, wherever they sit in the model. A layer called several
+    times per forward pass is measured over all its calls. A target the pass
+    does not measure (never reached, or only called inside JAX control flow)
+    keeps its kernel as it was, and a warning lists it.
 
     If anything fails (bad data, non-finite outputs, an interrupt), every weight
     the run touched is restored before the exception propagates.

@@ -90,7 +90,7 @@ class _SinglePass:
 
     def run(self) -> list[LayerRecord]:
         while (halted := self._inline_pass()) is not None:
-            if halted.layer is not None and id(halted.layer) in self.multi_call and id(halted.layer) not in self.traced:
+            if id(halted.layer) in self.multi_call and id(halted.layer) not in self.traced:
                 self._finish(halted, self._rescale_by_passes(halted))
         records = []
         for key, target in self.reached.items():
@@ -155,14 +155,14 @@ class _SinglePass:
         by_layer = {id(t.layer): t for t in self.targets}
         traced_before = set(self.traced)
         self._forward([t.layer for t in self.targets], make_call)
-        for key in self.traced - traced_before:
-            by_layer[key].restore_kernels()  # not measured: it keeps its kernel, and the layers after see that one
         items = list(tentative.values())
         index, cause = halt[0] if halt else (len(items), None)
         for target, record in items[:index]:
             self._finish(target, record)
         for target, _ in items[index:]:
             write_kernel(target.scaled_kernel, self._original(target), 1.0)  # undo: it is redone later
+        for key in self.traced - traced_before:
+            by_layer[key].restore_kernels()  # not measured: it keeps its kernel, and the layers after see that one
         return cause
 
     def _finish(self, target: Target, record: LayerRecord) -> None:

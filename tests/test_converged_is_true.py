@@ -157,7 +157,20 @@ class Mapped(keras.Model):
         return self.head(ops.map(lambda row: self.inner(row[None])[0], x))
 
 
-@pytest.mark.parametrize("factory", [rnn_model, Mapped])
+class EagerThenMapped(keras.Model):
+    """One target called eagerly, then on each sample by `ops.map` (traced on JAX)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = layers.Dense(16, activation="tanh")
+        self.head = layers.Dense(3)
+
+    def call(self, x):
+        h = self.inner(x)
+        return self.head(ops.map(lambda row: self.inner(row[None])[0], h))
+
+
+@pytest.mark.parametrize("factory", [rnn_model, Mapped, EagerThenMapped])
 def test_targets_in_loops_are_measured_over_every_call_or_skipped_when_traced(factory):
     model = factory()
     shape = (5, 8) if factory is rnn_model else (16,)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,7 +27,7 @@ from keras import ops
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.interception import intercepted_calls, is_traced
 from keras_lsuv.report import LayerRecord
-from keras_lsuv.rescale import Criterion, ScaleLimit, find_scale, float32_copy, variable_dtype, write_kernel
+from keras_lsuv.rescale import Criterion, ScaleLimit, find_scale, float32_copy, write_kernel
 from keras_lsuv.statistics import Moments, moments, variance
 from keras_lsuv.targets import Target, without_activation
 
@@ -211,8 +210,7 @@ class _SinglePass:
             record = find_scale(target, variance_at, self.criterion, limit, floor)
         if record.scale == 1.0:
             return record, activation(preactivation)
-        if not write_kernel(kernel, original, record.scale):
-            return _unwritable(record, kernel), activation(preactivation)
+        write_kernel(kernel, original, record.scale)
         return record, activation(ops.cast(at_scale(record.scale), preactivation.dtype))
 
     def _rescale_by_reevaluation(
@@ -235,8 +233,7 @@ class _SinglePass:
 
         def variance_at(scale: float) -> float:
             if scale != latest["scale"]:
-                if not write_kernel(kernel, original, scale):
-                    return math.nan
+                write_kernel(kernel, original, scale)
                 with without_activation(layer):
                     latest.update(scale=scale, preactivation=original_call(*args, **kwargs))
             z = latest["preactivation"]
@@ -263,8 +260,7 @@ class _SinglePass:
             return call
 
         def variance_at(scale: float) -> float:
-            if not write_kernel(kernel, original, scale):
-                return math.nan
+            write_kernel(kernel, original, scale)
             measured.clear()
             self._forward([layer], make_call)
             total: Moments = measured[0]
@@ -304,10 +300,3 @@ def _output_peak(layer: keras.layers.Layer, z: Any) -> float:
     if keras.backend.standardize_dtype(layer.compute_dtype) != "float16":
         return 0.0
     return float(ops.convert_to_numpy(ops.max(ops.abs(z))))
-
-
-def _unwritable(record: LayerRecord, kernel: keras.Variable) -> LayerRecord:
-    dtype = variable_dtype(kernel)
-    record.reason = f"the kernel scaled by {record.scale:.4g} is not finite in {dtype}; it keeps its values"
-    record.converged, record.final_variance, record.scale = False, record.initial_variance, 1.0
-    return record

@@ -7,7 +7,6 @@ Nested models are entered with their inputs computed once by the outer prefix.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -90,8 +89,7 @@ def _rescale_with_submodel(
     original = float32_copy(kernel)
 
     def variance_at(scale: float) -> float:
-        if not write_kernel(kernel, original, scale):
-            return math.nan
+        write_kernel(kernel, original, scale)
         with without_activation(layer) as activation:
             z = submodel(graph_batch, training=False)
         return variance(z if measure == "preactivation" else activation(z))

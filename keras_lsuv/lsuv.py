@@ -7,7 +7,7 @@ from typing import Any
 
 import keras
 import numpy as np
-from keras import ops
+from keras import ops, tree
 
 from keras_lsuv.data import DEFAULT_NUM_SAMPLES, first_sample, prepare_batch
 from keras_lsuv.engines import ENGINES
@@ -15,8 +15,8 @@ from keras_lsuv.guard import optimizer_steps, trained_weights_evidence
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.options import check_options, integer_seed
 from keras_lsuv.processes import agree_on, run_across_processes, shared_seed
-from keras_lsuv.report import LSUVReport
-from keras_lsuv.targets import find_targets, redraw_orthonormal
+from keras_lsuv.report import LayerRecord, LSUVReport
+from keras_lsuv.targets import Target, find_targets, redraw_orthonormal
 
 
 @run_across_processes
@@ -44,7 +44,10 @@ def lsuv_init(
     variance of the layer's output is within `tolerance` of `target_variance`,
     at most `max_iterations` times. Target layers: trainable `Dense`,
     `EinsumDense`, `ConvND`, `ConvNDTranspose`, `DepthwiseConvND` and
-    `SeparableConvND`, wherever they sit in the model.
+    `SeparableConvND`, wherever they sit in the model. A layer called several
+    times per forward pass is measured over all its calls. A target the pass
+    does not measure (never reached, or only called inside JAX control flow)
+    keeps its kernel as it was, and a warning lists it.
 
     If anything fails (bad data, non-finite outputs, an interrupt), every weight
     the run touched is restored before the exception propagates.
@@ -147,18 +150,33 @@ def lsuv_init(
 
     verbose = 1 if verbose == "auto" else verbose
     progress = keras.utils.Progbar(len(active), verbose=int(verbose == 1), unit_name="layer")
-    saved = [(kernel, ops.copy(kernel.value)) for t in active for kernel in t.kernels]
+    for target in active:
+        target.save_kernels()
+    # The forward pass runs stateful layers (a stateful RNN updates its state): put their state back afterwards.
+    states = [(state, ops.copy(state.value)) for state in _layer_states(model)]
     try:
         if orthonormal:
             rng = np.random.default_rng(shared_seed(integer_seed(seed)))
             for target in active:
                 redraw_orthonormal(target, rng)
         report.records = ENGINES[engine](model, batch, targets, measure, criterion, lambda _: progress.add(1))
+        unmeasured = _restore_unmeasured(active, report.records)
     except BaseException:
-        for kernel, value in saved:
-            kernel.assign(value)
+        for target in active:
+            target.restore_kernels()
         raise
+    finally:
+        for state, value in states:
+            state.assign(value)
 
+    if unmeasured:
+        warnings.warn(
+            "LSUV: these layers were not measured and keep their kernels as they were: "
+            + "; ".join(f"'{r.name}' ({r.reason})" for r in unmeasured)
+            + ".",
+            UserWarning,
+            stacklevel=2,
+        )
     for record in report.records:
         if not record.skipped and not record.converged:
             warnings.warn(
@@ -166,6 +184,48 @@ def lsuv_init(
                 UserWarning,
                 stacklevel=2,
             )
+    for target in active:
+        if violated := _violated_constraint(target):
+            warnings.warn(
+                f"LSUV: layer '{target.layer.name}' ({type(target.layer).__name__}): the rescaled kernel does not "
+                f"satisfy its {violated}. LSUV does not apply it (that would undo the variance it set); Keras "
+                "applies it after the first optimizer step.",
+                UserWarning,
+                stacklevel=2,
+            )
     if verbose:
         print(report)
     return report
+
+
+def _restore_unmeasured(active: list[Target], records: list[LayerRecord]) -> list[LayerRecord]:
+    """Puts back the kernels of the active targets the engine did not measure (step 1 redrew them)."""
+    by_name = {r.name: r for r in records}
+    unmeasured = [t for t in active if by_name[t.layer.name].skipped]
+    for target in unmeasured:
+        target.restore_kernels()
+    return [by_name[t.layer.name] for t in unmeasured]
+
+
+def _layer_states(model: keras.Model) -> list[keras.Variable]:
+    """The state variables of stateful layers (a stateful RNN's `states`), which Keras does not track as weights."""
+    states = []
+    for layer in model._flatten_layers(include_self=False):  # Keras's own walk over every sub-layer
+        if getattr(layer, "stateful", False) and getattr(layer, "states", None) is not None:
+            states += [s for s in tree.flatten(layer.states) if isinstance(s, keras.Variable)]
+    return states
+
+
+def _violated_constraint(target: Target) -> str | None:
+    """Names the kernel constraint the layer's kernel no longer satisfies after LSUV, if any."""
+    layer = target.layer
+    for attribute in ("kernel_constraint", "depthwise_constraint", "pointwise_constraint"):
+        constraint = getattr(layer, attribute, None)
+        if constraint is None:
+            continue
+        for kernel in target.kernels:
+            if kernel.constraint is constraint:
+                value = ops.convert_to_numpy(kernel)
+                if not np.allclose(ops.convert_to_numpy(constraint(ops.convert_to_tensor(value))), value, rtol=1e-5):
+                    return f"{attribute} ({type(constraint).__name__})"
+    return None

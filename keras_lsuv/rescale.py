@@ -1,4 +1,4 @@
-"""The paper's rescaling loop for one layer, shared by every engine."""
+"""The paper's rescaling loop for one layer, shared by every engine, and the safe write of a rescaled kernel."""
 
 from __future__ import annotations
 
@@ -8,15 +8,18 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_lsuv.report import LayerRecord
 from keras_lsuv.targets import Target
 
-# A rescale needs sqrt(target / variance); below this relative variance, or beyond this total scale, the
-# output carries no usable signal and rescaling would only blow the kernel up.
+# A rescale needs sqrt(target / variance); below this relative variance the output carries no usable signal and
+# rescaling would only blow the kernel up.
 MIN_RELATIVE_VARIANCE = 1e-12
-MAX_SCALE = 1e6
+# The largest scale accepted is this fraction of the one that reaches the largest finite value of the kernel's (or
+# the layer's compute) dtype: a margin for the bias, for rounding and for the spread of values between samples.
+DTYPE_MARGIN = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +31,49 @@ class Criterion:
     max_iterations: int = 10
 
 
-def find_scale(target: Target, variance_at: Callable[[float], float], criterion: Criterion) -> LayerRecord:
+@dataclasses.dataclass(frozen=True)
+class ScaleLimit:
+    """The largest kernel scale the layer's dtypes can hold, and which dtype sets it.
+
+    Args:
+        scale: The largest accepted total scale of the kernel.
+        dtype: The dtype that sets it (the kernel's, or the layer's compute dtype).
+    """
+
+    scale: float = math.inf
+    dtype: str = "float32"
+
+    @classmethod
+    def of(cls, kernel: keras.Variable, original: Any, layer: keras.layers.Layer, output_peak: float) -> ScaleLimit:
+        """The limit for scaling `original` (float32) into `kernel`, and outputs peaking at `output_peak` at scale 1.
+
+        Args:
+            kernel: The kernel variable (its dtype bounds the kernel values).
+            original: The unscaled kernel values, float32.
+            layer: The layer (its compute dtype bounds the outputs).
+            output_peak: The largest absolute pre-activation value at scale 1 (0 if not measured).
+        """
+        limits = [cls()]
+        # The kernel is stored in its own dtype and cast to the compute dtype in the forward pass. Only float16's
+        # range is narrower than float32's; for the others no realistic scale overflows (and a non-finite output
+        # stops the run with every weight restored), so the kernel's peak is not computed for them.
+        narrow = [d for d in (variable_dtype(kernel), _dtype_name(layer.compute_dtype)) if _largest(d) < 1e38]
+        kernel_peak = float(ops.convert_to_numpy(ops.max(ops.abs(original)))) if narrow else 0.0
+        if kernel_peak > 0:
+            for dtype in narrow:
+                limits.append(cls(DTYPE_MARGIN * _largest(dtype) / kernel_peak, dtype))
+        if output_peak > 0:
+            limits.append(cls(DTYPE_MARGIN * _largest(layer.compute_dtype) / output_peak, layer.compute_dtype))
+        return min(limits, key=lambda limit: limit.scale)
+
+
+def find_scale(
+    target: Target,
+    variance_at: Callable[[float], float],
+    criterion: Criterion,
+    limit: ScaleLimit = ScaleLimit(),
+    floor: float | None = None,
+) -> LayerRecord:
     """Runs LSUV's loop: while `|var - target| >= tol` and fewer than `T_max` rescales, `scale *= sqrt(target / var)`.
 
     Args:
@@ -36,6 +81,11 @@ def find_scale(target: Target, variance_at: Callable[[float], float], criterion:
         variance_at: Returns the measured output variance when the kernel is
             multiplied by the given scale.
         criterion: Target variance, tolerance and iteration limit.
+        limit: The largest scale the layer's dtypes can hold; a layer that
+            would need more stops there, not converged.
+        floor: The variance at kernel scale 0 (the bias alone), when known:
+            if it is above the target, no scale can reach the target and
+            the kernel is left as it is instead of being shrunk towards 0.
 
     Returns:
         The layer's record; `record.scale` is the factor to apply to the kernel.
@@ -55,14 +105,20 @@ def find_scale(target: Target, variance_at: Callable[[float], float], criterion:
             )
         if abs(current - goal) < criterion.tolerance or iterations >= criterion.max_iterations:
             break
+        if floor is not None and floor >= goal + criterion.tolerance and current > goal:
+            reason = f"the bias alone gives a variance of {floor:.3g}, above the target: no kernel scale can reach it"
+            break
         if current <= MIN_RELATIVE_VARIANCE * goal:
             reason = f"output variance {current:.3g} is too small to rescale safely"
             if current > MIN_RELATIVE_VARIANCE:  # a usable output: it is the target that cannot be reached
                 reason = f"target variance {goal:g} is out of reach from output variance {current:.3g}"
             break
         step = math.sqrt(goal / current)
-        if scale * step > MAX_SCALE:
-            reason = f"reaching the target would need a kernel scale above {MAX_SCALE:g}"
+        if scale * step > limit.scale:
+            reason = (
+                f"reaching the target would need a kernel scale of {scale * step:.3g}, beyond what {limit.dtype} "
+                f"can hold (at most {limit.scale:.3g})"
+            )
             break
         scale *= step
         iterations += 1
@@ -82,6 +138,47 @@ def find_scale(target: Target, variance_at: Callable[[float], float], criterion:
     )
 
 
-def scale_kernel(kernel: keras.Variable, original: Any, scale: float) -> None:
-    """Sets `kernel` to `original * scale` (from the unscaled values, so rescales do not accumulate error)."""
-    kernel.assign(ops.multiply(original, scale))
+def float32_copy(kernel: keras.Variable) -> Any:
+    """The kernel's own values in float32, read outside any autocast scope (never a float16 copy)."""
+    with _no_autocast():
+        return ops.cast(ops.copy(kernel.value), "float32")
+
+
+def write_kernel(kernel: keras.Variable, original: Any, scale: float) -> None:
+    """Sets `kernel` to `original * scale`, computed in float32 and written to the variable itself.
+
+    `original` is the unscaled kernel in float32 (from `float32_copy`), so rescales neither accumulate error nor
+    start from a float16 cast of a float32 kernel. `scale` must be within the layer's `ScaleLimit`, which keeps
+    the result finite in the variable's dtype and in the compute dtype.
+
+    Args:
+        kernel: The kernel variable.
+        original: Its unscaled values, float32.
+        scale: The factor.
+    """
+    value = ops.cast(ops.multiply(original, scale), variable_dtype(kernel))
+    with _no_autocast():
+        kernel.assign(value)
+
+
+def variable_dtype(kernel: keras.Variable) -> str:
+    """The variable's own dtype (inside an autocast scope `kernel.dtype` is the scope's dtype)."""
+    with _no_autocast():
+        return _dtype_name(kernel.value.dtype)
+
+
+def _no_autocast() -> Any:
+    # Inside a mixed-precision layer's call, Keras's autocast scope makes `variable.value` a float16/bfloat16 copy,
+    # and torch's `assign` copies into `variable.value`: a write there is lost. Keras has no public way to leave
+    # the scope; `AutocastScope(None)` is what `Layer.__call__` itself uses to switch autocasting off.
+    from keras.src.backend import AutocastScope
+
+    return AutocastScope(None)
+
+
+def _largest(dtype: Any) -> float:
+    return float(np.finfo(_dtype_name(dtype)).max) if _dtype_name(dtype) != "bfloat16" else 3.39e38
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(keras.backend.standardize_dtype(dtype))

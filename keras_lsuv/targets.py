@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
@@ -41,10 +41,21 @@ class Target:
         layer: The Keras layer.
         skip_reason: Why it is left alone (frozen, kernel not a plain
             variable), else `None`.
+        before: The kernels as they were before the run (`save_kernels`).
     """
 
     layer: keras.layers.Layer
     skip_reason: str | None = None
+    before: list[Any] | None = dataclasses.field(default=None, repr=False)
+
+    def save_kernels(self) -> None:
+        """Keeps a copy of the kernels as they are now, for `restore_kernels`."""
+        self.before = [ops.copy(kernel.value) for kernel in self.kernels]
+
+    def restore_kernels(self) -> None:
+        """Puts back the kernels saved by `save_kernels` (a target LSUV does not measure keeps them)."""
+        for kernel, value in zip(self.kernels, self.before or [], strict=False):
+            kernel.assign(value)
 
     @property
     def scaled_kernel(self) -> keras.Variable:
@@ -124,14 +135,25 @@ def _skip_reason(layer: keras.layers.Layer) -> str | None:
 
 
 @contextlib.contextmanager
-def without_activation(layer: keras.layers.Layer) -> Iterator[Any]:
-    """Temporarily replaces the layer's fused activation by the identity; yields the original."""
+def without_activation(layer: keras.layers.Layer) -> Iterator[Callable[[Any], Any]]:
+    """Temporarily makes the layer's fused activation the identity; yields the original as a callable.
+
+    `activation=None` (which Keras's layers accept) yields the identity. The attribute is written to the
+    instance's `__dict__` directly: on torch a Keras layer used as an activation is a registered child module,
+    which torch's `Module.__setattr__` refuses to replace by a function. The instance's own attribute, if any,
+    is put back exactly as it was.
+    """
     activation = layer.activation
-    layer.activation = keras.activations.linear
+    state = vars(layer)
+    had_own, own = "activation" in state, state.get("activation")
+    state["activation"] = keras.activations.linear
     try:
-        yield activation
+        yield keras.activations.linear if activation is None else activation
     finally:
-        layer.activation = activation
+        if had_own:
+            state["activation"] = own
+        else:
+            del state["activation"]
 
 
 def redraw_orthonormal(target: Target, rng: np.random.Generator) -> None:

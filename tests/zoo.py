@@ -90,42 +90,91 @@ def target_layers(model):
     return found
 
 
-def preactivation_variances(model, x):
-    """Each target layer's pre-activation variance on the inputs it receives in a plain forward pass.
+def _is_tracer(value):
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
 
-    Independent of the engines: the pass only records each target's first inputs, then each layer is
-    called again with its activation replaced by the identity.
+    return isinstance(value, jax.core.Tracer)
+
+
+def preactivation_variances(model, x):
+    """Each target layer's pre-activation variance over every call of it in a plain forward pass.
+
+    Independent of the engines: the pass records the inputs of every eager call of each target, then each
+    recorded call is evaluated again through `layer(...)` (so with the layer's own dtype policy) with its
+    activation replaced by the identity (written to the instance's `__dict__`, so that a Keras layer used as an
+    activation works on torch too), and the variance is taken over all the calls' outputs together. Calls inside
+    JAX control flow (tracers) are not recorded.
     """
     captured = {}
     targets = target_layers(model)
 
     def recorder(layer, original):
         def call(*args, **kwargs):
-            captured.setdefault(id(layer), (args, kwargs))
+            if not any(_is_tracer(v) for v in keras.tree.flatten((args, kwargs))):
+                captured.setdefault(id(layer), []).append((args, kwargs))
             return original(*args, **kwargs)
 
         return call
 
     for layer in targets:
-        layer.call = recorder(layer, layer.call)
+        vars(layer)["call"] = recorder(layer, layer.call)
     try:
         model(x, training=False)
     finally:
         for layer in targets:
-            del layer.call
+            del vars(layer)["call"]
     variances = {}
     for layer in targets:
         if id(layer) not in captured:
             continue
-        args, kwargs = captured[id(layer)]
-        activation, layer.activation = layer.activation, keras.activations.linear
+        outputs = []
+        state = vars(layer)
+        had_own, own = "activation" in state, state.get("activation")
+        state["activation"] = keras.activations.linear
         try:
-            z = layer.call(*args, **kwargs)
+            for args, kwargs in captured[id(layer)]:
+                outputs.append(keras.ops.convert_to_numpy(layer(*args, **kwargs)).astype("float64").ravel())
         finally:
-            layer.activation = activation
-        variances[layer.name] = float(np.var(keras.ops.convert_to_numpy(z).astype("float64")))
+            if had_own:
+                state["activation"] = own
+            else:
+                del state["activation"]
+        variances[layer.name] = float(np.var(np.concatenate(outputs)))
     return variances
 
 
 def weights_of(model):
     return [np.array(keras.ops.convert_to_numpy(w)) for w in model.weights]
+
+
+def kernels_by_layer(model):
+    """Every target layer's kernels (both of a separable conv), copied to NumPy, by layer name."""
+    found = {}
+    for layer in target_layers(model):
+        kernels = (
+            [layer.depthwise_kernel, layer.pointwise_kernel] if hasattr(layer, "pointwise_kernel") else [layer.kernel]
+        )
+        found[layer.name] = [np.array(keras.ops.convert_to_numpy(kernel)) for kernel in kernels]
+    return found
+
+
+def assert_report_is_true(model, x, report, before, tolerance=0.1):
+    """The report against the model, measured independently over every call of each layer.
+
+    Every layer the report calls converged measures within `tolerance` of 1 and as reported; every layer it did
+    not measure has its kernels bit-identical to `before` (from `kernels_by_layer`); every weight is finite.
+    """
+    measured = preactivation_variances(model, x)
+    after = kernels_by_layer(model)
+    for record in report.records:
+        if record.skipped:
+            for a, b in zip(before[record.name], after[record.name], strict=True):
+                np.testing.assert_array_equal(a, b, err_msg=f"{record.name} was not measured but changed")
+        elif record.converged:
+            value = measured[record.name]
+            assert abs(value - 1.0) < tolerance, f"{record.name}: reported converged, measures {value}"
+            assert abs(record.final_variance - value) <= 2e-2 * value, f"{record.name}: {record} vs {value}"
+    for weight in weights_of(model):
+        assert np.isfinite(weight).all()

@@ -11,11 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
-from keras import ops
 
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.report import LayerRecord
-from keras_lsuv.rescale import Criterion, find_scale, scale_kernel
+from keras_lsuv.rescale import Criterion, ScaleLimit, find_scale, float32_copy, write_kernel
 from keras_lsuv.statistics import variance
 from keras_lsuv.targets import Target, find_targets, without_activation
 
@@ -41,6 +40,11 @@ def run_submodel(
                 # `Functional.input` would give the nested model's own Input instead.
                 prefix = keras.Model(graph.inputs, keras.Operation.input.fget(layer))
                 visit(layer, prefix(graph_batch, training=False))
+            elif id(layer) in by_layer and (calls := _calls_in(graph, layer)) > 1:
+                raise ValueError(
+                    f"engine='submodel' measures a layer at one of its calls, but layer '{layer.name}' is called "
+                    f"{calls} times: LSUV measures over all of them. Use engine='single_pass'."
+                )
             elif id(layer) in by_layer:
                 records.append(_rescale_with_submodel(by_layer.pop(id(layer)), graph, graph_batch, measure, criterion))
                 if not records[-1].skipped:
@@ -56,6 +60,14 @@ def run_submodel(
         visit(model, batch)
     records += [target.skipped_record() for target in by_layer.values()]
     return records
+
+
+def _calls_in(graph: keras.Model, layer: keras.layers.Layer) -> int:
+    """How many nodes (calls) of `layer` the graph has. Keras keeps them in private attributes only: a layer's
+    `_inbound_nodes` also holds nodes of other graphs (a Sequential re-creates its graph on every `add`)."""
+    graph = getattr(graph, "_functional", graph)  # a Sequential's graph is the Functional it keeps
+    nodes = {id(node) for depth_nodes in graph._nodes_by_depth.values() for node in depth_nodes}
+    return sum(id(node) in nodes for node in layer._inbound_nodes)
 
 
 def _check_is_graph(model: keras.Model, what: str) -> None:
@@ -74,12 +86,14 @@ def _rescale_with_submodel(
         return target.skipped_record()
     submodel = keras.Model(graph.inputs, layer.output)
     kernel = target.scaled_kernel
-    original = ops.copy(kernel.value)
+    original = float32_copy(kernel)
 
     def variance_at(scale: float) -> float:
-        scale_kernel(kernel, original, scale)
+        write_kernel(kernel, original, scale)
         with without_activation(layer) as activation:
             z = submodel(graph_batch, training=False)
         return variance(z if measure == "preactivation" else activation(z))
 
-    return find_scale(target, variance_at, criterion)
+    record = find_scale(target, variance_at, criterion, ScaleLimit.of(kernel, original, layer, 0.0))
+    write_kernel(kernel, original, record.scale)
+    return record

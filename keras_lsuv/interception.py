@@ -1,0 +1,74 @@
+"""Intercepting a layer's calls during an eager forward pass, and leaving the layer exactly as found."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import keras
+from keras import tree
+
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def intercepted_calls(
+    layers: list[keras.layers.Layer], make_call: Callable[[keras.layers.Layer, Callable[..., Any]], Callable[..., Any]]
+) -> Iterator[None]:
+    """Replaces each layer's `call` by `make_call(layer, call)` for the duration of the context.
+
+    Keras has no forward-hook API. `Layer.__call__` looks `self.call` up at call time, so an instance attribute
+    intercepts the layer eagerly on every backend. A user's own instance-level `call` is the one wrapped and is
+    put back afterwards. Installing happens inside the protected region and each layer's previous state is
+    recorded before its attribute is set, so an interrupt at any point (while installing, during the pass, while
+    removing) leaves no interceptor behind.
+
+    Example:
+
+    >>> with intercepted_calls([layer], lambda layer, call: lambda *a, **k: call(*a, **k)):
+    ...     model(x)
+    """
+    installed: list[tuple[dict[str, Any], Any]] = []
+    try:
+        for layer in layers:
+            state = vars(layer)
+            installed.append((state, state.get("call", _ABSENT)))
+            state["call"] = make_call(layer, layer.call)
+        yield
+    finally:
+        _restore(installed)
+
+
+def _restore(installed: list[tuple[dict[str, Any], Any]]) -> None:
+    # Each restore is one dict operation; an interrupt between two of them is held until all are done.
+    interrupted: BaseException | None = None
+    while installed:
+        state, previous = installed[-1]
+        try:
+            if previous is _ABSENT:
+                state.pop("call", None)
+            else:
+                state["call"] = previous
+            installed.pop()
+        except BaseException as error:  # noqa: BLE001 - re-raised once every layer is restored
+            interrupted = error
+    if interrupted is not None:
+        raise interrupted
+
+
+def is_traced(args: Any) -> bool:
+    """True when a call's arguments are symbolic: inside JAX control flow (`scan`, `vmap`, `map`) or a TF graph.
+
+    Such values cannot be measured on the host. Keras offers no portable test, so each backend is asked directly.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return any(isinstance(value, jax.core.Tracer) for value in tree.flatten(args))
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.executing_eagerly()
+    return False

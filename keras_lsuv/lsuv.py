@@ -18,6 +18,9 @@ from keras_lsuv.processes import agree_on, run_across_processes, shared_seed
 from keras_lsuv.report import LayerRecord, LSUVReport
 from keras_lsuv.targets import Target, find_targets, redraw_orthonormal
 
+# Warnings point at the caller of `lsuv_init`, past the `run_across_processes` wrapper.
+_CALLER = 3
+
 
 @run_across_processes
 def lsuv_init(
@@ -128,7 +131,7 @@ def lsuv_init(
             f"the model has already been trained ({steps} optimizer steps); nothing was changed. "
             "Pass force=True to re-initialize it."
         )
-        warnings.warn(f"LSUV skipped: {report.skipped_reason}", UserWarning, stacklevel=2)
+        warnings.warn(f"LSUV skipped: {report.skipped_reason}", UserWarning, stacklevel=_CALLER)
         return report
     evidence = None if force else trained_weights_evidence(model)
     if evidence:
@@ -136,7 +139,7 @@ def lsuv_init(
             f"LSUV: the model's weights look already trained ({evidence}); lsuv_init re-initializes them as "
             "asked (LSUVCallback would skip this model). Pass force=True to silence this warning.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=_CALLER,
         )
 
     batch = agree_on(lambda: prepare_batch(model, x, num_samples))  # a bad shard fails in every process
@@ -146,7 +149,7 @@ def lsuv_init(
     targets = find_targets(model)
     active = [t for t in targets if not t.skip_reason]
     if not active:
-        warnings.warn(f"LSUV: model '{model.name}' has no layer to initialize.", UserWarning, stacklevel=2)
+        warnings.warn(f"LSUV: model '{model.name}' has no layer to initialize.", UserWarning, stacklevel=_CALLER)
 
     verbose = 1 if verbose == "auto" else verbose
     progress = keras.utils.Progbar(len(active), verbose=int(verbose == 1), unit_name="layer")
@@ -175,14 +178,14 @@ def lsuv_init(
             + "; ".join(f"'{r.name}' ({r.reason})" for r in unmeasured)
             + ".",
             UserWarning,
-            stacklevel=2,
+            stacklevel=_CALLER,
         )
     for record in report.records:
         if not record.skipped and not record.converged:
             warnings.warn(
                 f"LSUV: layer '{record.name}' ({record.class_name}) did not converge: {record.reason}.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=_CALLER,
             )
     for target in active:
         if violated := _violated_constraint(target):
@@ -191,7 +194,7 @@ def lsuv_init(
                 f"satisfy its {violated}. LSUV does not apply it (that would undo the variance it set); Keras "
                 "applies it after the first optimizer step.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=_CALLER,
             )
     if verbose:
         print(report)

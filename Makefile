@@ -88,7 +88,7 @@ test-min: $(STAMP)
 	KERAS_BACKEND=$(MIN_BACKEND) $(MIN)/bin/python -c "import keras, numpy; \
 		print('test-min: keras', keras.__version__, 'numpy', numpy.__version__, 'on', keras.backend.backend())"
 	KERAS_BACKEND=$(MIN_BACKEND) $(MIN)/bin/python -m pytest tests -p no:cacheprovider -q \
-		--ignore=tests/distribution --ignore=tests/test_data.py --ignore=tests/test_examples.py
+		--ignore=tests/distribution --ignore=tests/multiprocess --ignore=tests/test_data.py --ignore=tests/test_examples.py
 
 # Rewrites docs/img/report.png, the LSUVReport.plot() figure of docs/guide.md.
 report-figure: $(STAMP)

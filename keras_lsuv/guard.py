@@ -99,10 +99,13 @@ def _constant_weights(model: keras.Model) -> Iterator[tuple[keras.layers.Layer, 
     for layer in model._flatten_layers(include_self=True, recursive=True):
         if not layer.trainable:
             continue
+        # The layer's own weights, not `isinstance(w, keras.Variable)`: before Keras 3.7 that class is not the
+        # backend variables' base.
+        own = {id(w) for w in layer.weights}
         for name, initializer_name in CONSTANT_WEIGHTS:
             weight = getattr(layer, name, None)
             constant = _constant_of(getattr(layer, initializer_name, None))
-            if isinstance(weight, keras.Variable) and constant is not None:
+            if id(weight) in own and constant is not None:
                 yield layer, name, constant
 
 

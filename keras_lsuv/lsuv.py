@@ -215,7 +215,8 @@ def _layer_states(model: keras.Model) -> list[keras.Variable]:
     states = []
     for layer in model._flatten_layers(include_self=False):  # Keras's own walk over every sub-layer
         if getattr(layer, "stateful", False) and getattr(layer, "states", None) is not None:
-            states += [s for s in tree.flatten(layer.states) if isinstance(s, keras.Variable)]
+            # Duck-typed: before Keras 3.7 the backend's variables are not instances of `keras.Variable`.
+            states += [s for s in tree.flatten(layer.states) if hasattr(s, "assign") and hasattr(s, "value")]
     return states
 
 

@@ -7,15 +7,15 @@ import warnings
 from typing import Any
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_lsuv.data import DEFAULT_NUM_SAMPLES, first_sample, prepare_batch
 from keras_lsuv.engines import ENGINES
 from keras_lsuv.inference import inference_mode
+from keras_lsuv.orthonormal import redraw_orthonormal
 from keras_lsuv.report import LSUVReport
 from keras_lsuv.rescale import Criterion
-from keras_lsuv.targets import find_targets, redraw_orthonormal
+from keras_lsuv.targets import find_targets
 
 MEASURES = ("preactivation", "output")
 
@@ -118,9 +118,7 @@ def lsuv_init(
     saved = [(kernel, ops.copy(kernel.value)) for t in active for kernel in t.kernels]
     try:
         if orthonormal:
-            rng = np.random.default_rng(seed)
-            for target in active:
-                redraw_orthonormal(target, rng)
+            redraw_orthonormal(active, seed)
         report.records = ENGINES[engine](model, batch, targets, measure, criterion, lambda _: progress.add(1))
     except BaseException:
         for kernel, value in saved:

@@ -118,7 +118,7 @@ def worst_error(matrices):
     return worst
 
 
-def worker(repeats, quick, only):
+def worker(repeats, quick, only, chosen):
     import keras
 
     if quick:
@@ -130,6 +130,8 @@ def worker(repeats, quick, only):
     for model, matrices in models.items():
         groups = by_shape(matrices)
         for name, draw in candidates().items():
+            if chosen and name not in chosen:
+                continue
             row = {"backend": keras.backend.backend(), "model": model, "kernels": len(matrices)}
             row["shapes"], row["candidate"] = len(groups), name
             try:
@@ -151,17 +153,21 @@ def main():
     parser.add_argument("--backends", default="tensorflow,jax,torch")
     parser.add_argument("--quick", action="store_true", help="a tiny model, one repeat: checks the script runs")
     parser.add_argument("--models", help="comma-separated, of: sample (the default), ResNet50, GPT-2 12x768")
+    parser.add_argument("--candidates", help="comma-separated subset of the candidates' names (default: all)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
     if args.worker:
-        worker(repeats, args.quick, args.models.split(",") if args.models else None)
+        split = lambda names: names.split(",") if names else None  # noqa: E731
+        worker(repeats, args.quick, split(args.models), split(args.candidates))
         return
     print("| backend | model | kernels (shapes) | candidate | first call (s) | warm (s) | max abs(QᵀQ - I) |")
     print("|---|---|---|---|---|---|---|")
     for backend in args.backends.split(","):
         command = [sys.executable, __file__, "--worker", "--repeats", str(repeats)] + ["--quick"] * args.quick
-        command += ["--models", args.models] * bool(args.models)
+        command += ["--models", args.models] * bool(args.models) + ["--candidates", args.candidates] * bool(
+            args.candidates
+        )
         env = dict(os.environ, KERAS_BACKEND=backend)
         child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         for line in child.stdout:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import random as python_random
 from collections.abc import Callable, Sequence
@@ -15,6 +16,11 @@ from keras_lsuv.targets import DEPTHWISE, SEPARABLE, TRANSPOSED, Target
 
 # float32 unit roundoff (2**-24) times the safety factor of the shift of the first Cholesky-QR round.
 _SHIFT_FACTOR = 10 * 2.0**-24
+# A batch of `count` (m, n) matrices (m >= n) with count·m·n² at most this is small: a few milliseconds of QR.
+# There Householder QR (`keras.ops.qr`) beats Cholesky-QR, whose Cholesky and triangular solve cost ~10 ms each
+# in fixed overhead on a busy 2-core CPU with torch, and step 1 draws on the host in NumPy, which costs less than
+# one compilation of the device draw for a new shape on JAX (0.3-2 s per shape on a 2-core CPU).
+SMALL_SIZE = 2**24
 
 
 def cholesky_qr(matrices: Any) -> Any:
@@ -67,7 +73,8 @@ def orthonormal_matrices(count: int, rows: int, cols: int, seed: int | keras.ran
     """Draws `count` Haar-distributed matrices with orthonormal columns (tall) or rows (wide), in float32.
 
     The Gaussian matrices are drawn with `keras.random.normal` on the
-    backend's device and orthonormalized in one batched `cholesky_qr`, so the
+    backend's device and orthonormalized in one batched `cholesky_qr`
+    (`householder_qr` if the batch is smaller than `SMALL_SIZE`), so the
     values for a given seed are reproducible on one backend but differ
     between backends (as Keras's own random initializers do).
 
@@ -80,9 +87,47 @@ def orthonormal_matrices(count: int, rows: int, cols: int, seed: int | keras.ran
     Returns:
         A float32 tensor of shape `(count, rows, cols)`.
     """
-    gaussian = keras.random.normal((count, max(rows, cols), min(rows, cols)), seed=seed, dtype="float32")
-    q = cholesky_qr(gaussian)
+    tall = (max(rows, cols), min(rows, cols))
+    gaussian = keras.random.normal((count, *tall), seed=seed, dtype="float32")
+    q = householder_qr(gaussian) if count * tall[0] * tall[1] ** 2 <= SMALL_SIZE else _compiled_cholesky_qr(gaussian)
     return ops.swapaxes(q, -1, -2) if rows < cols else q
+
+
+def host_orthonormal_matrices(count: int, rows: int, cols: int, seed: int) -> np.ndarray:
+    """`orthonormal_matrices` in NumPy on the host (float64 Householder QR, signs of R's diagonal folded in).
+
+    Step 1 uses it for small matrices, where it is faster than launching (and on JAX compiling) the device draw.
+    """
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((count, max(rows, cols), min(rows, cols))))
+    q *= np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
+    return (np.swapaxes(q, -1, -2) if rows < cols else q).astype("float32")
+
+
+def _compiled_cholesky_qr(matrices: Any) -> Any:
+    """`cholesky_qr`, compiled once per shape on JAX.
+
+    JAX runs eager `keras.ops` one op at a time and compiles each op for every new shape, about twenty
+    compilations per matrix shape here; one `jax.jit` of the whole function halves the first call. Keras has no
+    portable way to compile a plain function, hence this backend check. Inside `jit` Keras's Cholesky cannot
+    raise on failure, so the result is checked here (when not itself traced) and the batch redrawn by
+    Householder QR if it is not finite.
+    """
+    if keras.backend.backend() != "jax":
+        return cholesky_qr(matrices)
+    import jax
+    import jax.numpy as jnp
+
+    q = _jax_cholesky_qr()(matrices)
+    if not isinstance(q, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(q))):
+        return householder_qr(matrices)
+    return q
+
+
+@functools.cache
+def _jax_cholesky_qr() -> Callable[[Any], Any]:
+    import jax
+
+    return jax.jit(cholesky_qr)
 
 
 @keras.saving.register_keras_serializable(package="keras_lsuv")
@@ -167,9 +212,11 @@ def redraw_orthonormal(targets: Sequence[Target], seed: int | None = None) -> No
 
     All matrices of one shape, across layers, are drawn in one batched
     `orthonormal_matrices` call on the backend's device (every attention
-    projection of a transformer, every block of a ResNet stage), then each
-    kernel of that shape is assigned, cast to its variable's dtype. The
-    variables keep their identity and, on JAX, their sharding.
+    projection of a transformer, every block of a ResNet stage); groups of
+    small matrices (`count·m·n² <= SMALL_SIZE`) are drawn on the host
+    instead. Then each kernel of that shape is assigned, cast to its
+    variable's dtype. The variables keep their identity and, on JAX, their
+    sharding.
 
     Example:
 
@@ -188,7 +235,11 @@ def redraw_orthonormal(targets: Sequence[Target], seed: int | None = None) -> No
             groups.setdefault((rows, cols), []).append((kernel, count, to_kernel))
     seeds = np.random.default_rng(seed)
     for (rows, cols), kernels in groups.items():
-        matrices = orthonormal_matrices(sum(count for _, count, _ in kernels), rows, cols, int(seeds.integers(2**31)))
+        total, group_seed = sum(count for _, count, _ in kernels), int(seeds.integers(2**31))
+        if total * max(rows, cols) * min(rows, cols) ** 2 <= SMALL_SIZE:
+            matrices = ops.convert_to_tensor(host_orthonormal_matrices(total, rows, cols, group_seed))
+        else:
+            matrices = orthonormal_matrices(total, rows, cols, group_seed)
         start = 0
         for kernel, count, to_kernel in kernels:
             kernel.assign(ops.cast(to_kernel(matrices[start : start + count]), kernel.dtype))

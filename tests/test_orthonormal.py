@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 
 import keras_lsuv
 from keras_lsuv import orthonormal
-from keras_lsuv.orthonormal import cholesky_qr, householder_qr, orthonormal_matrices, redraw_orthonormal
+from keras_lsuv.orthonormal import (
+    cholesky_qr,
+    host_orthonormal_matrices,
+    householder_qr,
+    orthonormal_matrices,
+    redraw_orthonormal,
+)
 from keras_lsuv.targets import find_targets
 
 
@@ -273,11 +279,12 @@ def test_cholesky_qr_is_householder_qr_with_positive_diagonal():
             assert_orthonormal(matrix)
 
 
-def test_cholesky_qr_of_rank_deficient_matrices_still_orthonormal():
+@pytest.mark.parametrize("orthonormalize", [cholesky_qr, orthonormal._compiled_cholesky_qr])
+def test_cholesky_qr_of_rank_deficient_matrices_still_orthonormal(orthonormalize):
     """Cholesky fails on a singular Gram matrix; the draw falls back to Householder QR."""
     matrix = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
     matrix[:, 1] = matrix[:, 0]
-    assert_orthonormal(keras.ops.convert_to_numpy(cholesky_qr(keras.ops.convert_to_tensor(matrix[None])))[0])
+    assert_orthonormal(keras.ops.convert_to_numpy(orthonormalize(keras.ops.convert_to_tensor(matrix[None])))[0])
 
 
 def haar_violations(matrices):
@@ -299,9 +306,16 @@ def haar_violations(matrices):
     return violations
 
 
+def cholesky_draw(count, rows, cols, seed):
+    """`orthonormal_matrices` with `cholesky_qr` whatever the size (small batches use Householder QR)."""
+    q = cholesky_qr(keras.random.normal((count, max(rows, cols), min(rows, cols)), seed=seed))
+    return keras.ops.swapaxes(q, -1, -2) if rows < cols else q
+
+
+@pytest.mark.parametrize("draw", [orthonormal_matrices, host_orthonormal_matrices, cholesky_draw])
 @pytest.mark.parametrize("rows, cols", [(3, 3), (3, 2), (2, 3)])
-def test_draw_is_haar_entries_uniform_on_the_sphere(rows, cols):
-    matrices = keras.ops.convert_to_numpy(orthonormal_matrices(2000, rows, cols, seed=5)).astype("float64")
+def test_draw_is_haar_entries_uniform_on_the_sphere(draw, rows, cols):
+    matrices = keras.ops.convert_to_numpy(draw(2000, rows, cols, 5)).astype("float64")
     assert haar_violations(matrices) == []
 
 
@@ -311,9 +325,10 @@ def test_haar_check_rejects_a_draw_without_sign_correction():
     assert haar_violations(q) != []
 
 
-def test_draw_is_haar_trace_moments():
+@pytest.mark.parametrize("draw", [orthonormal_matrices, host_orthonormal_matrices, cholesky_draw])
+def test_draw_is_haar_trace_moments(draw):
     """For Haar Q in O(n), n >= 2: E[tr Q] = 0, E[(tr Q)²] = 1, E[tr Q²] = 1 (Diaconis & Shahshahani, 1994)."""
-    q = keras.ops.convert_to_numpy(orthonormal_matrices(4000, 16, 16, seed=3)).astype("float64")
+    q = keras.ops.convert_to_numpy(draw(4000, 16, 16, 3)).astype("float64")
     trace = np.trace(q, axis1=-2, axis2=-1)
     trace_of_square = np.trace(q @ q, axis1=-2, axis2=-1)
     # Standard errors: 1/sqrt(4000) = 0.016 and sqrt(2/4000) = 0.022; tolerances are about 5 of them.
@@ -326,19 +341,37 @@ def test_failure_midway_through_step_1_restores_every_kernel(monkeypatch):
     model = zoo.residual_cnn()
     x = zoo.batch_for(model)
     before = zoo.weights_of(model)
-    draw, calls = orthonormal.orthonormal_matrices, []
+    calls = []
 
-    def failing_draw(*args, **kwargs):
-        calls.append(args)
-        if len(calls) == 3:
-            changed = [not np.array_equal(a, b) for a, b in zip(before, zoo.weights_of(model), strict=True)]
-            assert any(changed), "two groups of kernels were redrawn before the failure"
-            raise RuntimeError("draw failed")
-        return draw(*args, **kwargs)
+    def failing(draw):
+        def failing_draw(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == 3:
+                changed = [not np.array_equal(a, b) for a, b in zip(before, zoo.weights_of(model), strict=True)]
+                assert any(changed), "two groups of kernels were redrawn before the failure"
+                raise RuntimeError("draw failed")
+            return draw(*args, **kwargs)
 
-    monkeypatch.setattr(orthonormal, "orthonormal_matrices", failing_draw)
+        return failing_draw
+
+    for name in ("orthonormal_matrices", "host_orthonormal_matrices"):
+        monkeypatch.setattr(orthonormal, name, failing(getattr(orthonormal, name)))
     with pytest.raises(RuntimeError, match="draw failed"):
         keras_lsuv.lsuv_init(model, x, seed=0, verbose=0)
     assert len(calls) == 3
     for a, b in zip(before, zoo.weights_of(model), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_large_groups_are_drawn_on_the_device_small_ones_on_the_host(monkeypatch):
+    calls = {"device": [], "host": []}
+    for name, where in (("orthonormal_matrices", "device"), ("host_orthonormal_matrices", "host")):
+        draw = getattr(orthonormal, name)
+        monkeypatch.setattr(
+            orthonormal, name, lambda *args, draw=draw, where=where: calls[where].append(args[:3]) or draw(*args)
+        )
+    model = keras.Sequential([keras.Input((512,)), keras.layers.Dense(512), keras.layers.Dense(8)])
+    redraw_orthonormal(find_targets(model), seed=0)
+    assert calls == {"device": [(1, 512, 512)], "host": [(1, 512, 8)]}
+    for layer in model.layers:
+        assert_orthonormal(as_matrix(layer.kernel))

@@ -228,7 +228,7 @@ def redraw_orthonormal(targets: Sequence[Target], seed: int | None = None) -> No
         seed: Integer seed; the same seed gives the same kernels on one
             backend. `None` draws at random.
     """
-    groups: dict[tuple[int, int], list[tuple[keras.Variable, int, Callable[[Any], Any]]]] = {}
+    groups: dict[tuple[int, int], list[tuple[keras.Variable, int, Callable[[Any, Any], Any]]]] = {}
     for target in targets:
         for kernel in target.kernels:
             rows, cols, count, to_kernel = _layout(target.layer, kernel)
@@ -236,18 +236,24 @@ def redraw_orthonormal(targets: Sequence[Target], seed: int | None = None) -> No
     seeds = np.random.default_rng(seed)
     for (rows, cols), kernels in groups.items():
         total, group_seed = sum(count for _, count, _ in kernels), int(seeds.integers(2**31))
-        if total * max(rows, cols) * min(rows, cols) ** 2 <= SMALL_SIZE:
-            matrices = ops.convert_to_tensor(host_orthonormal_matrices(total, rows, cols, group_seed))
+        on_host = total * max(rows, cols) * min(rows, cols) ** 2 <= SMALL_SIZE
+        # On the host the layouts are NumPy operations: per-shape device ops would each compile on JAX.
+        if on_host:
+            matrices, xp = host_orthonormal_matrices(total, rows, cols, group_seed), np
         else:
-            matrices = orthonormal_matrices(total, rows, cols, group_seed)
+            matrices, xp = orthonormal_matrices(total, rows, cols, group_seed), ops
         start = 0
         for kernel, count, to_kernel in kernels:
-            kernel.assign(ops.cast(to_kernel(matrices[start : start + count]), kernel.dtype))
+            values = to_kernel(xp, matrices[start : start + count])
+            kernel.assign(values if on_host else ops.cast(values, kernel.dtype))
             start += count
 
 
-def _layout(layer: keras.layers.Layer, kernel: keras.Variable) -> tuple[int, int, int, Callable[[Any], Any]]:
-    """The orthonormal matrices of one kernel: their rows, columns and number, and how they become the kernel."""
+def _layout(layer: keras.layers.Layer, kernel: keras.Variable) -> tuple[int, int, int, Callable[[Any, Any], Any]]:
+    """The orthonormal matrices of one kernel: their rows, columns and number, and how they become the kernel.
+
+    The last is a function of an array module (`numpy` or `keras.ops`, same signatures) and the matrices.
+    """
     shape = tuple(kernel.shape)
     if isinstance(layer, TRANSPOSED):
         spatial, filters, channels = shape[:-2], shape[-2], shape[-1]
@@ -255,7 +261,7 @@ def _layout(layer: keras.layers.Layer, kernel: keras.Variable) -> tuple[int, int
             channels,
             math.prod(spatial) * filters,
             1,
-            lambda matrices: ops.moveaxis(ops.reshape(matrices, (channels, *spatial, filters)), 0, -1),
+            lambda xp, matrices: xp.moveaxis(xp.reshape(matrices, (channels, *spatial, filters)), 0, -1),
         )
     if isinstance(layer, DEPTHWISE) or (isinstance(layer, SEPARABLE) and kernel is layer.depthwise_kernel):
         spatial, channels, multiplier = shape[:-2], shape[-2], shape[-1]
@@ -263,6 +269,6 @@ def _layout(layer: keras.layers.Layer, kernel: keras.Variable) -> tuple[int, int
             math.prod(spatial),
             multiplier,
             channels,
-            lambda matrices: ops.reshape(ops.swapaxes(matrices, 0, 1), shape),
+            lambda xp, matrices: xp.reshape(xp.swapaxes(matrices, 0, 1), shape),
         )
-    return math.prod(shape[:-1]), shape[-1], 1, lambda matrices: ops.reshape(matrices, shape)
+    return math.prod(shape[:-1]), shape[-1], 1, lambda xp, matrices: xp.reshape(matrices, shape)

@@ -270,7 +270,7 @@ def test_redraw_keeps_the_variable_objects():
 
 def test_cholesky_qr_is_householder_qr_with_positive_diagonal():
     """Both give the unique Q with R's diagonal positive: the same matrices, so the same (Haar) distribution."""
-    for rows, cols in [(64, 64), (300, 40), (256, 256)]:
+    for rows, cols in [(96, 96), (300, 40)]:
         gaussian = keras.random.normal((3, rows, cols), seed=rows + cols)
         fast = keras.ops.convert_to_numpy(cholesky_qr(gaussian))
         reference = keras.ops.convert_to_numpy(householder_qr(gaussian))

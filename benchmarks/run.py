@@ -483,12 +483,14 @@ def targets_section(rows):
             f"(max {max(single):.2f}); deepest / shallowest ratio ≤ 1.2: {verdict(flat <= 1.2)} ({flat:.2f}); "
             f"submodel ratio by depth: {', '.join(sub)}."
         )
-    for r in rows["real"]:
-        if r["model"].startswith(("GPT-2 12x768, 32x128", "ResNet50 128x128, batch 64")):
-            value = r["lsuv"] / r["forward"]
-            lines.append(
-                f"- {r['backend']} full LSUV ≤ 2x forward on {r['model']}: {verdict(value <= 2)} ({value:.2f})"
-            )
+    for backend in dict.fromkeys(r["backend"] for r in rows["real"]):
+        for model in ("GPT-2 12x768, 32x128 tokens", "ResNet50 128x128, batch 64"):
+            row = next((r for r in rows["real"] if r["backend"] == backend and r["model"] == model), None)
+            if row is None:
+                lines.append(f"- {backend} full LSUV ≤ 2x forward on {model}: not measured (`--real-models all`)")
+                continue
+            value = row["lsuv"] / row["forward"]
+            lines.append(f"- {backend} full LSUV ≤ 2x forward on {model}: {verdict(value <= 2)} ({value:.2f})")
     for r in rows["peer_resnet"]:
         if "ours" in r:
             lines.append(

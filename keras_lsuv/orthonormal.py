@@ -73,8 +73,11 @@ def orthonormal_matrices(count: int, rows: int, cols: int, seed: int | keras.ran
     """Draws `count` Haar-distributed matrices with orthonormal columns (tall) or rows (wide), in float32.
 
     The Gaussian matrices are drawn with `keras.random.normal` on the
-    backend's device and orthonormalized in one batched `cholesky_qr`
-    (`householder_qr` if the batch is smaller than `SMALL_SIZE`), so the
+    backend's device and orthonormalized in one batched `cholesky_qr` when
+    they are tall (`m >= 2n`) and the batch is not small (`SMALL_SIZE`), else
+    by `householder_qr`: on a CPU the backends' float32 Householder QR beats
+    Cholesky-QR on square matrices by 1.5-2x, ties on tall ones on torch and
+    JAX and loses on tall ones on TensorFlow (`benchmarks/step1.py`). The
     values for a given seed are reproducible on one backend but differ
     between backends (as Keras's own random initializers do).
 
@@ -89,7 +92,8 @@ def orthonormal_matrices(count: int, rows: int, cols: int, seed: int | keras.ran
     """
     tall = (max(rows, cols), min(rows, cols))
     gaussian = keras.random.normal((count, *tall), seed=seed, dtype="float32")
-    q = householder_qr(gaussian) if count * tall[0] * tall[1] ** 2 <= SMALL_SIZE else _compiled_cholesky_qr(gaussian)
+    small = count * tall[0] * tall[1] ** 2 <= SMALL_SIZE
+    q = householder_qr(gaussian) if small or tall[0] < 2 * tall[1] else _compiled_cholesky_qr(gaussian)
     return ops.swapaxes(q, -1, -2) if rows < cols else q
 
 

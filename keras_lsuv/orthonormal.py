@@ -91,9 +91,12 @@ def orthonormal_matrices(count: int, rows: int, cols: int, seed: int | keras.ran
         A float32 tensor of shape `(count, rows, cols)`.
     """
     tall = (max(rows, cols), min(rows, cols))
-    gaussian = keras.random.normal((count, *tall), seed=seed, dtype="float32")
+    # One matrix is drawn without a batch axis: JAX's CPU QR is several times slower on a batch of one, and the
+    # Gaussian is then the one `keras.initializers.Orthogonal` draws for the same seed.
+    gaussian = keras.random.normal((count, *tall) if count > 1 else tall, seed=seed, dtype="float32")
     small = count * tall[0] * tall[1] ** 2 <= SMALL_SIZE
     q = householder_qr(gaussian) if small or tall[0] < 2 * tall[1] else _compiled_cholesky_qr(gaussian)
+    q = q if count > 1 else ops.expand_dims(q, 0)
     return ops.swapaxes(q, -1, -2) if rows < cols else q
 
 

@@ -5,7 +5,9 @@ Run: .venv/bin/python benchmarks/initializer.py [--repeats 5] [--backends tensor
 
 Each backend runs in its own process (Keras fixes the backend per process). A draw is timed until its values
 are on the host (convert_to_numpy), after one warm-up draw of the same shape (JAX compiles on the first call).
-Prints the median time per draw and the ratio of each variant to `Orthogonal`, measured in the same process.
+Prints the median time per draw and the ratio of each variant to `Orthogonal`, measured in the same process, and
+the ratio of `Orthonormal` to one same-size float32 matrix product (`same_size_matmul`), also timed until on the
+host.
 """
 
 from __future__ import annotations
@@ -31,6 +33,22 @@ def svd_orthonormal(shape, seed):
     gaussian = keras.random.normal((rows, cols), seed=seed, dtype="float32")
     u, _, vt = keras.ops.svd(gaussian, full_matrices=False)
     return keras.ops.reshape(u if rows >= cols else vt, shape)
+
+
+def same_size_matmul(shape):
+    """One float32 matrix product of the kernel's `(m, n)` matrix (m >= n) by an `(n, n)` one: 2·m·n² flops.
+
+    A dense orthonormalization of the same matrix costs 1.3-2.7 times that many flops.
+    """
+    import math
+
+    import keras
+
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    rows, cols = max(rows, cols), min(rows, cols)
+    a = keras.random.normal((rows, cols), seed=0, dtype="float32")
+    b = keras.random.normal((cols, cols), seed=1, dtype="float32")
+    return lambda _: keras.ops.matmul(a, b)
 
 
 def median_seconds(draw, shape, repeats):
@@ -60,6 +78,7 @@ def worker(repeats, shapes, with_svd):
         row = {"backend": keras.backend.backend(), "shape": list(shape)}
         for name, draw in variants.items():
             row[name] = median_seconds(draw, shape, repeats)
+        row["matmul"] = median_seconds(same_size_matmul(shape), shape, repeats)
         print(json.dumps(row), flush=True)
 
 
@@ -88,14 +107,15 @@ def main():
         if result.returncode:
             sys.exit(f"{backend} worker failed:\n{result.stderr}")
         rows += [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    names = [k for k in rows[0] if k not in ("backend", "shape")]
-    header = "| backend | shape | " + " | ".join(f"{n} (ms)" for n in names)
-    header += " | " + " | ".join(f"{n} / Orthogonal" for n in names[1:]) + " |"
+    names = [k for k in rows[0] if k not in ("backend", "shape", "matmul")]
+    header = "| backend | shape | " + " | ".join(f"{n} (ms)" for n in names) + " | matmul (ms)"
+    header += " | " + " | ".join(f"{n} / Orthogonal" for n in names[1:]) + " | Orthonormal / matmul |"
     print(header)
-    print("|" + "---|" * (2 + 2 * len(names) - 1))
+    print("|" + "---|" * (2 + 2 * len(names) + 1))
     for row in rows:
-        times = " | ".join(f"{1e3 * row[n]:.1f}" for n in names)
+        times = " | ".join(f"{1e3 * row[n]:.1f}" for n in names) + f" | {1e3 * row['matmul']:.1f}"
         ratios = " | ".join(f"{row[n] / row['Orthogonal']:.2f}" for n in names[1:])
+        ratios += f" | {row['Orthonormal'] / row['matmul']:.2f}"
         print(f"| {row['backend']} | {'x'.join(map(str, row['shape']))} | {times} | {ratios} |")
 
 

@@ -14,9 +14,10 @@ from keras_lsuv.engines import ENGINES
 from keras_lsuv.guard import optimizer_steps, trained_weights_evidence
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.options import check_options, integer_seed
+from keras_lsuv.orthonormal import redraw_orthonormal
 from keras_lsuv.processes import agree_on, run_across_processes, shared_seed
 from keras_lsuv.report import LayerRecord, LSUVReport
-from keras_lsuv.targets import Target, find_targets, redraw_orthonormal
+from keras_lsuv.targets import Target, find_targets
 
 # Warnings point at the caller of `lsuv_init`, past the `run_across_processes` wrapper.
 _CALLER = 3
@@ -159,9 +160,7 @@ def lsuv_init(
     states = [(state, ops.copy(state.value)) for state in _layer_states(model)]
     try:
         if orthonormal:
-            rng = np.random.default_rng(shared_seed(integer_seed(seed)))
-            for target in active:
-                redraw_orthonormal(target, rng)
+            redraw_orthonormal(active, shared_seed(integer_seed(seed)))
         report.records = ENGINES[engine](model, batch, targets, measure, criterion, lambda _: progress.add(1))
         unmeasured = _restore_unmeasured(active, report.records)
     except BaseException:

@@ -1,10 +1,9 @@
-"""Which layers LSUV rescales, which kernel of each, and how each kernel is redrawn orthonormally."""
+"""Which layers LSUV rescales and which kernel of each."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -154,39 +153,3 @@ def without_activation(layer: keras.layers.Layer) -> Iterator[Callable[[Any], An
             state["activation"] = own
         else:
             del state["activation"]
-
-
-def redraw_orthonormal(target: Target, rng: np.random.Generator) -> None:
-    """Redraws each kernel of `target` orthonormally, over the layer's own fan-in.
-
-    Dense, EinsumDense and ConvND kernels are flattened as `Orthonormal` does:
-    `(prod(shape[:-1]), shape[-1])`. A transposed conv kernel
-    `(*k, filters, in)` maps `in` channels to `k·filters` outputs, so its matrix
-    is `(in, prod(k)·filters)`. A depthwise kernel `(*k, in, multiplier)` gets
-    one independent `(prod(k), multiplier)` matrix per input channel.
-
-    The draw is made with NumPy on the host, once per kernel: a given seed then
-    gives the same kernels on every backend, and JAX does not compile a QR for
-    every kernel shape of the model (about 20 s for MobileNetV2 on a CPU).
-    """
-    layer = target.layer
-    for kernel in target.kernels:
-        shape = tuple(kernel.shape)
-        if isinstance(layer, TRANSPOSED):
-            spatial, filters, channels = shape[:-2], shape[-2], shape[-1]
-            matrix = _orthonormal(rng, channels, math.prod(spatial) * filters)
-            values = np.moveaxis(matrix.reshape(channels, *spatial, filters), 0, -1)
-        elif isinstance(layer, DEPTHWISE) or (isinstance(layer, SEPARABLE) and kernel is layer.depthwise_kernel):
-            spatial, channels, multiplier = shape[:-2], shape[-2], shape[-1]
-            matrices = _orthonormal(rng, math.prod(spatial), multiplier, batch=(channels,))
-            values = np.swapaxes(matrices, 0, 1).reshape(shape)
-        else:
-            values = _orthonormal(rng, math.prod(shape[:-1]), shape[-1]).reshape(shape)
-        kernel.assign(values.astype("float32"))
-
-
-def _orthonormal(rng: np.random.Generator, rows: int, cols: int, batch: tuple[int, ...] = ()) -> np.ndarray:
-    """`orthonormal_matrix` in NumPy: QR of a Gaussian matrix, signs of R's diagonal folded into Q."""
-    q, r = np.linalg.qr(rng.standard_normal((*batch, max(rows, cols), min(rows, cols))))
-    q *= np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
-    return np.swapaxes(q, -1, -2) if rows < cols else q

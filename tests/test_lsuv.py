@@ -77,9 +77,11 @@ def test_nonzero_bias_both_engines_agree_and_converge():
     reference = zoo.deep_mlp(depth=4)
     reference.set_weights(single.get_weights())
     x = zoo.batch_for(single)
-    # Biases set by hand look trained to the guard: force=True says they are meant.
-    a = run(single, x, tolerance=1e-3, force=True)
-    b = run(reference, x, engine="submodel", tolerance=1e-3, force=True)
+    # A large bias makes the paper's iteration converge linearly, so how many rescales 1e-3 takes depends on the
+    # draw (which differs per backend): allow more than the default 10. Biases set by hand look trained to the
+    # guard: force=True says they are meant.
+    options = {"tolerance": 1e-3, "max_iterations": 30, "force": True}
+    a, b = run(single, x, **options), run(reference, x, engine="submodel", **options)
     assert [r.iterations for r in a.records] == [r.iterations for r in b.records]
     assert max(r.iterations for r in a.records) >= 2  # the bias makes the rescale inexact
     for wa, wb in zip(zoo.weights_of(single), zoo.weights_of(reference), strict=True):

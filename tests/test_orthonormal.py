@@ -3,10 +3,20 @@ import math
 import keras
 import numpy as np
 import pytest
+import zoo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import keras_lsuv
+from keras_lsuv import orthonormal
+from keras_lsuv.orthonormal import (
+    cholesky_qr,
+    host_orthonormal_matrices,
+    householder_qr,
+    orthonormal_matrices,
+    redraw_orthonormal,
+)
+from keras_lsuv.targets import find_targets
 
 
 def as_matrix(kernel):
@@ -148,3 +158,220 @@ def test_property_any_shape_is_orthonormal(leading, last, gain, seed):
     matrix = as_matrix(kernel)
     assert matrix.shape == (math.prod(shape[:-1]), shape[-1])
     assert_orthonormal(matrix, gain=gain, atol=1e-4 * max(gain, 1) ** 2)
+
+
+# Step 1: the layer-aware redraw, the draw's distribution, and restore on failure.
+
+
+def built(layer, input_shape):
+    layer.build(input_shape)
+    return layer
+
+
+def redrawn(layer, input_shape, seed=0):
+    """Builds `layer`, redraws it as step 1 does, and returns it."""
+    target = find_targets(keras.Sequential([built(layer, input_shape)]))[0]
+    redraw_orthonormal([target], seed=seed)
+    return layer
+
+
+def kernel(variable):
+    return keras.ops.convert_to_numpy(variable).astype("float64")
+
+
+@pytest.mark.parametrize(
+    "layer, input_shape",
+    [
+        (keras.layers.Dense(12), (None, 30)),
+        (keras.layers.Dense(40), (None, 30)),
+        (keras.layers.EinsumDense("abc,cde->abde", (5, 4, 8), bias_axes="e"), (None, 5, 16)),
+        (keras.layers.Conv1D(6, 3), (None, 10, 4)),
+        (keras.layers.Conv2D(16, 3), (None, 8, 8, 3)),
+        (keras.layers.Conv3D(4, 2), (None, 4, 4, 4, 2)),
+    ],
+)
+def test_redraw_plain_kernels_are_orthonormal_as_fan_in_by_fan_out(layer, input_shape):
+    w = kernel(redrawn(layer, input_shape).kernel)
+    assert_orthonormal(w.reshape(-1, w.shape[-1]))
+
+
+@pytest.mark.parametrize(
+    "layer, input_shape",
+    [
+        (keras.layers.Conv1DTranspose(5, 3, strides=2), (None, 6, 4)),
+        (keras.layers.Conv2DTranspose(3, 3, strides=2), (None, 6, 6, 8)),
+        (keras.layers.Conv3DTranspose(2, 2), (None, 3, 3, 3, 16)),
+    ],
+)
+def test_redraw_transposed_kernels_are_orthonormal_over_their_own_fan_in(layer, input_shape):
+    w = kernel(redrawn(layer, input_shape).kernel)  # (*k, filters, in_channels)
+    channels = w.shape[-1]
+    assert_orthonormal(np.moveaxis(w, -1, 0).reshape(channels, -1))  # (in, prod(k)·filters)
+
+
+@pytest.mark.parametrize(
+    "layer, input_shape",
+    [
+        (keras.layers.DepthwiseConv2D(3, depth_multiplier=2), (None, 8, 8, 5)),
+        (keras.layers.DepthwiseConv1D(4, depth_multiplier=3), (None, 9, 6)),
+    ],
+)
+def test_redraw_depthwise_kernels_are_orthonormal_per_channel(layer, input_shape):
+    w = kernel(redrawn(layer, input_shape).kernel)  # (*k, in, multiplier)
+    per_channel = np.moveaxis(w, -2, 0).reshape(w.shape[-2], -1, w.shape[-1])
+    for matrix in per_channel:
+        assert_orthonormal(matrix)
+    assert not np.allclose(per_channel[0], per_channel[1])
+
+
+def test_redraw_separable_conv_redraws_both_kernels():
+    layer = redrawn(keras.layers.SeparableConv2D(6, 3, depth_multiplier=2), (None, 8, 8, 4))
+    for matrix in np.moveaxis(kernel(layer.depthwise_kernel), -2, 0).reshape(4, 9, 2):
+        assert_orthonormal(matrix)
+    assert_orthonormal(kernel(layer.pointwise_kernel).reshape(-1, 6))
+
+
+def test_redraw_kernels_of_one_shape_are_drawn_together_and_independent():
+    model = keras.Sequential([keras.Input((16,))] + [keras.layers.Dense(16) for _ in range(4)])
+    redraw_orthonormal(find_targets(model), seed=0)
+    kernels = [kernel(layer.kernel) for layer in model.layers]
+    for w in kernels:
+        assert_orthonormal(w)
+    for i in range(4):
+        for j in range(i):
+            assert not np.allclose(kernels[i], kernels[j])
+
+
+def test_redraw_same_seed_same_kernels_other_seed_others():
+    def draw(seed):
+        return kernel(redrawn(keras.layers.Dense(8), (None, 8), seed=seed).kernel)
+
+    np.testing.assert_array_equal(draw(1), draw(1))
+    assert not np.allclose(draw(1), draw(2))
+    assert not np.allclose(draw(None), draw(None))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_redraw_casts_to_the_variable_dtype(dtype):
+    layer = redrawn(keras.layers.Dense(24, dtype=dtype), (None, 48))
+    assert keras.backend.standardize_dtype(layer.kernel.dtype) == dtype
+    assert_orthonormal(as_matrix(layer.kernel), atol=2e-2)
+
+
+def test_redraw_keeps_the_variable_objects():
+    """On torch `assign` copies into the same Parameter, which an optimizer may already hold."""
+    layer = built(keras.layers.Dense(8), (None, 8))
+    variable, value = layer.kernel, layer.kernel.value
+    redraw_orthonormal(find_targets(keras.Sequential([layer])), seed=0)
+    assert layer.kernel is variable
+    if keras.backend.backend() == "torch":
+        assert layer.kernel.value is value
+
+
+def test_cholesky_qr_is_householder_qr_with_positive_diagonal():
+    """Both give the unique Q with R's diagonal positive: the same matrices, so the same (Haar) distribution."""
+    for rows, cols in [(96, 96), (300, 40)]:
+        gaussian = keras.random.normal((3, rows, cols), seed=rows + cols)
+        fast = keras.ops.convert_to_numpy(cholesky_qr(gaussian))
+        reference = keras.ops.convert_to_numpy(householder_qr(gaussian))
+        np.testing.assert_allclose(fast, reference, atol=2e-4)
+        for matrix in fast:
+            assert_orthonormal(matrix)
+
+
+@pytest.mark.parametrize("orthonormalize", [cholesky_qr, orthonormal._compiled_cholesky_qr])
+def test_cholesky_qr_of_rank_deficient_matrices_still_orthonormal(orthonormalize):
+    """Cholesky fails on a singular Gram matrix; the draw falls back to Householder QR."""
+    matrix = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    matrix[:, 1] = matrix[:, 0]
+    assert_orthonormal(keras.ops.convert_to_numpy(orthonormalize(keras.ops.convert_to_tensor(matrix[None])))[0])
+
+
+def haar_violations(matrices):
+    """Departures of a batch of 3-row matrices with orthonormal rows or columns, or 3x3 ones, from Haar's law.
+
+    Each column (or row) of a Haar-distributed matrix with 3 rows (or 3 columns) is uniform on the sphere S², so
+    each entry is uniform on [-1, 1] (Archimedes). Checked with a Kolmogorov-Smirnov distance per entry position,
+    against a threshold (1.95 / sqrt(n)) that a uniform sample exceeds with probability 0.001.
+    """
+    n = len(matrices)
+    positions = [(i, j) for i in range(matrices.shape[1]) for j in range(matrices.shape[2])]
+    violations = []
+    for i, j in positions:
+        entries = np.sort(matrices[:, i, j])
+        cdf = (entries + 1) / 2
+        distance = max(np.max(np.arange(1, n + 1) / n - cdf), np.max(cdf - np.arange(n) / n))
+        if distance > 1.95 / np.sqrt(n):
+            violations.append(((i, j), round(float(distance), 3)))
+    return violations
+
+
+def cholesky_draw(count, rows, cols, seed):
+    """`orthonormal_matrices` with `cholesky_qr` whatever the size (small batches use Householder QR)."""
+    q = cholesky_qr(keras.random.normal((count, max(rows, cols), min(rows, cols)), seed=seed))
+    return keras.ops.swapaxes(q, -1, -2) if rows < cols else q
+
+
+@pytest.mark.parametrize("draw", [orthonormal_matrices, host_orthonormal_matrices, cholesky_draw])
+@pytest.mark.parametrize("rows, cols", [(3, 3), (3, 2), (2, 3)])
+def test_draw_is_haar_entries_uniform_on_the_sphere(draw, rows, cols):
+    matrices = keras.ops.convert_to_numpy(draw(2000, rows, cols, 5)).astype("float64")
+    assert haar_violations(matrices) == []
+
+
+def test_haar_check_rejects_a_draw_without_sign_correction():
+    """The check can fail: QR of Gaussian matrices without folding in the signs of R's diagonal is not Haar."""
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(2000, 3, 3)))
+    assert haar_violations(q) != []
+
+
+@pytest.mark.parametrize("draw", [orthonormal_matrices, host_orthonormal_matrices, cholesky_draw])
+def test_draw_is_haar_trace_moments(draw):
+    """For Haar Q in O(n), n >= 2: E[tr Q] = 0, E[(tr Q)²] = 1, E[tr Q²] = 1 (Diaconis & Shahshahani, 1994)."""
+    q = keras.ops.convert_to_numpy(draw(4000, 16, 16, 3)).astype("float64")
+    trace = np.trace(q, axis1=-2, axis2=-1)
+    trace_of_square = np.trace(q @ q, axis1=-2, axis2=-1)
+    # Standard errors: 1/sqrt(4000) = 0.016 and sqrt(2/4000) = 0.022; tolerances are about 5 of them.
+    assert abs(trace.mean()) < 0.08
+    assert abs((trace**2).mean() - 1) < 0.12
+    assert abs(trace_of_square.mean() - 1) < 0.12
+
+
+def test_failure_midway_through_step_1_restores_every_kernel(monkeypatch):
+    model = zoo.residual_cnn()
+    x = zoo.batch_for(model)
+    before = zoo.weights_of(model)
+    calls = []
+
+    def failing(draw):
+        def failing_draw(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == 3:
+                changed = [not np.array_equal(a, b) for a, b in zip(before, zoo.weights_of(model), strict=True)]
+                assert any(changed), "two groups of kernels were redrawn before the failure"
+                raise RuntimeError("draw failed")
+            return draw(*args, **kwargs)
+
+        return failing_draw
+
+    for name in ("orthonormal_matrices", "host_orthonormal_matrices"):
+        monkeypatch.setattr(orthonormal, name, failing(getattr(orthonormal, name)))
+    with pytest.raises(RuntimeError, match="draw failed"):
+        keras_lsuv.lsuv_init(model, x, seed=0, verbose=0)
+    assert len(calls) == 3
+    for a, b in zip(before, zoo.weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_large_groups_are_drawn_on_the_device_small_ones_on_the_host(monkeypatch):
+    calls = {"device": [], "host": []}
+    for name, where in (("orthonormal_matrices", "device"), ("host_orthonormal_matrices", "host")):
+        draw = getattr(orthonormal, name)
+        monkeypatch.setattr(
+            orthonormal, name, lambda *args, draw=draw, where=where: calls[where].append(args[:3]) or draw(*args)
+        )
+    model = keras.Sequential([keras.Input((512,)), keras.layers.Dense(512), keras.layers.Dense(8)])
+    redraw_orthonormal(find_targets(model), seed=0)
+    assert calls == {"device": [(1, 512, 512)], "host": [(1, 512, 8)]}
+    for layer in model.layers:
+        assert_orthonormal(as_matrix(layer.kernel))

@@ -1,0 +1,95 @@
+"""The real models of the benchmark: a GPT-2 block stack in Keras, ResNet50, and an equivalent torch ResNet50.
+
+keras-hub's `GPT2Backbone` is not used: `pip install keras-hub` with the project's constraints pulls
+`tensorflow-text`, which pins the full `tensorflow` package beside the pinned `tensorflow-cpu`. `gpt2` builds the
+same block stack from `keras.layers` (pre-norm blocks of causal `MultiHeadAttention` and a 4x GELU MLP, token and
+position embeddings, a final `LayerNormalization`): the same target layers (four `EinsumDense` projections and two
+`Dense` per block) with the same kernel shapes. torchvision cannot be installed beside the pinned CPU torch (PyPI's
+torchvision fails to import with torch 2.13.0), so `torch_resnet50` is a hand-written torchvision `resnet50`
+(bottleneck blocks, stride on the 3x3 convolution) for the `lsuv` peer.
+"""
+
+from __future__ import annotations
+
+GPT2_VOCABULARY = 50257
+
+
+def gpt2(num_layers, width, num_heads, sequence_length, vocabulary=GPT2_VOCABULARY):
+    """A GPT-2 backbone of `num_layers` blocks of `width` (token ids in, hidden states out)."""
+    import keras
+    from keras import layers
+
+    tokens = keras.Input((sequence_length,), dtype="int32", name="token_ids")
+    positions = keras.ops.arange(sequence_length)
+    x = layers.Embedding(vocabulary, width, name="token_embedding")(tokens)
+    x = x + layers.Embedding(sequence_length, width, name="position_embedding")(positions)
+    for i in range(num_layers):
+        h = layers.LayerNormalization(epsilon=1e-5, name=f"block{i}_attention_norm")(x)
+        h = layers.MultiHeadAttention(num_heads, width // num_heads, name=f"block{i}_attention")(
+            h, h, use_causal_mask=True
+        )
+        x = x + h
+        h = layers.LayerNormalization(epsilon=1e-5, name=f"block{i}_mlp_norm")(x)
+        h = layers.Dense(4 * width, activation=keras.activations.gelu, name=f"block{i}_mlp_in")(h)
+        x = x + layers.Dense(width, name=f"block{i}_mlp_out")(h)
+    x = layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
+    return keras.Model(tokens, x, name=f"gpt2_{num_layers}x{width}")
+
+
+def token_ids(batch, sequence_length, vocabulary=GPT2_VOCABULARY):
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, vocabulary, size=(batch, sequence_length)).astype("int32")
+
+
+def resnet50(image_size):
+    """`keras.applications.ResNet50` without weights, channels last, 1000 classes."""
+    import keras
+
+    return keras.applications.ResNet50(weights=None, input_shape=(image_size, image_size, 3))
+
+
+def torch_resnet50(blocks=(3, 4, 6, 3), width=64, classes=1000):
+    """torchvision's `resnet50` architecture (NCHW), written out: `blocks` bottlenecks per stage."""
+    from torch import nn
+
+    class Bottleneck(nn.Module):
+        def __init__(self, inputs, planes, stride):
+            super().__init__()
+            outputs = 4 * planes
+            self.body = nn.Sequential(
+                nn.Conv2d(inputs, planes, 1, bias=False),
+                nn.BatchNorm2d(planes),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(planes),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(planes, outputs, 1, bias=False),
+                nn.BatchNorm2d(outputs),
+            )
+            self.shortcut = None
+            if stride != 1 or inputs != outputs:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(inputs, outputs, 1, stride=stride, bias=False), nn.BatchNorm2d(outputs)
+                )
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.relu(self.body(x) + (x if self.shortcut is None else self.shortcut(x)))
+
+    stages, inputs = [], width
+    for i, count in enumerate(blocks):
+        planes = width * 2**i
+        for j in range(count):
+            stages.append(Bottleneck(inputs, planes, 2 if i > 0 and j == 0 else 1))
+            inputs = 4 * planes
+    return nn.Sequential(
+        nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=2, padding=1),
+        *stages,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(inputs, classes),
+    )

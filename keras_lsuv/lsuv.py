@@ -91,7 +91,7 @@ def lsuv_init(
             each layer after every rescale (Functional/Sequential models only;
             slow, kept as the reference).
         seed: Seed of the orthonormal redraw: `None` draws at random, a
-            non-negative integer gives the same kernels on every backend, a
+            non-negative integer gives the same kernels on one backend, a
             `keras.random.SeedGenerator` advances (a new draw each run). Under
             several processes, process 0 draws a `None` seed for all.
         force: Run even if the model's optimizer has already taken steps

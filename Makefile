@@ -7,7 +7,7 @@ BACKENDS := tensorflow jax torch
 LINTED := keras_lsuv tests examples benchmarks scripts
 # The backend whose unit run measures coverage, and the floor it must meet (percent of keras_lsuv's lines).
 COVERAGE_BACKEND := jax
-COVERAGE_FLOOR := 95
+COVERAGE_FLOOR := 93
 # `make test-min`: a fresh venv with the lowest versions setup.cfg declares, and the backend it runs.
 MIN := build/min
 MIN_BACKEND := jax

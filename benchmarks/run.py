@@ -519,9 +519,10 @@ def load_note():
     one, five, fifteen = os.getloadavg()
     parallel = " The backends' processes ran at the same time (`--parallel`)." if "--parallel" in sys.argv else ""
     return (
-        f"The machine was shared with other jobs while this ran (load average {one:.1f} / {five:.1f} / "
-        f"{fifteen:.1f} over 1 / 5 / 15 minutes at the end, on {os.cpu_count()} cores): absolute times are "
-        f"inflated; only the ratios, measured side by side in one process, are meaningful.{parallel}"
+        f"Load average at the end of the run: {one:.1f} / {five:.1f} / {fifteen:.1f} over 1 / 5 / 15 minutes, on "
+        f"{os.cpu_count()} cores (the benchmark's own processes count in it; more means other jobs shared the "
+        f"machine and inflated absolute times). Only the ratios, measured side by side in one process, are "
+        f"meaningful.{parallel}"
     )
 
 
@@ -579,7 +580,7 @@ The orthonormal redraw (step 1) is a fixed cost per model, independent of the ba
 A GPT-2 backbone (`benchmarks/real_models.py`: keras-hub's `GPT2Backbone` cannot be installed beside the pinned
 `tensorflow-cpu`, so the same block stack is built from `keras.layers`) and `keras.applications.ResNet50(weights=None)`,
 at the small batches of issue 9's table (`--real-models all` adds its target batches, GPT-2 32x128 tokens and
-ResNet50 batch 64, too slow for this run on a shared 2-core machine). Forward is a warm eager pass as above; "full
+ResNet50 batch 64: about 4 more minutes on 2 cores). Forward is a warm eager pass as above; "full
 LSUV" is `lsuv_init` with its defaults (after a first call, reported as "1st"); "step 1 alone" is
 `redraw_orthonormal` over every target (the orthonormal draw of all kernels, batched by shape), "1st" its first
 call (JAX compiles the draw once per matrix shape). These models are large for 2 cores, so each time is one call

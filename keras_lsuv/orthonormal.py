@@ -146,7 +146,8 @@ class Orthonormal(keras.initializers.Initializer):
     fan-in by fan-out for `Dense` and channels-last `ConvND` kernels. That
     matrix has orthonormal columns when it is tall and orthonormal rows when it
     is wide, times `gain`. It is Haar distributed, like the paper's SVD
-    construction, and drawn at matrix-multiply speed by `cholesky_qr` (see
+    construction, and drawn by `orthonormal_matrices`: the backend's
+    Householder QR, or `cholesky_qr` for large tall matrices (see
     `benchmarks/initializer.py`). Values are computed in float32 and cast to
     the requested dtype, so low-precision kernels are still orthonormal to
     within their precision. A given seed gives the same values on every call

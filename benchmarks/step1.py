@@ -10,8 +10,11 @@ one batched call), in float32 on the backend's device except the NumPy rows:
 - `keras.ops.qr`: the backend's Householder QR, batched, signs of R's diagonal folded into Q;
 - `CholeskyQR2`: two rounds of `G = AᵀA`, `L = cholesky(G)`, `A ← A L⁻ᵀ` (fails on ill-conditioned matrices:
   a failure is reported as such);
-- `shifted CholeskyQR3`: the same with a shift added to the first Gram matrix, then two plain rounds
-  (`keras_lsuv.orthonormal.cholesky_qr`, what step 1 uses).
+- `shifted CholeskyQR3`: the same with a shift `10·u·√m·‖A‖²_F` (`u` = 2⁻²⁴) added to the first Gram matrix, then
+  two plain rounds (Fukaya et al., 2020): what step 1 used for large tall matrices before `haar_orthonormal`;
+- `Householder reflections (blocks of 128/256/512)`: `keras_lsuv.orthonormal.haar_orthonormal`, the reflections of
+  Householder QR read off the Gaussian (Stewart, 1980) and applied in blocks of matrix products; what step 1 uses,
+  with blocks of 256.
 
 Prints, per backend and model, the first call (compilation on JAX) and the median of the following calls, and the
 worst `‖QᵀQ - I‖max` of each candidate. Each backend runs in its own process.
@@ -65,7 +68,7 @@ def candidates():
     import numpy as np
     from keras import ops
 
-    from keras_lsuv.orthonormal import cholesky_qr
+    from keras_lsuv.orthonormal import _compiled_haar_orthonormal
 
     def householder(a):
         q, r = ops.qr(a)
@@ -74,6 +77,16 @@ def candidates():
     def cholesky_qr2(a):
         for _ in range(2):
             lower = ops.cholesky(ops.matmul(ops.swapaxes(a, -1, -2), a))
+            a = ops.swapaxes(ops.solve_triangular(lower, ops.swapaxes(a, -1, -2), lower=True), -1, -2)
+        return a
+
+    def shifted_cholesky_qr3(a):
+        rows, cols = a.shape[-2], a.shape[-1]
+        squared_norm = ops.sum(ops.square(a), axis=(-2, -1), keepdims=True)
+        shift = ops.eye(cols, dtype="float32") * (10 * 2.0**-24 * rows**0.5 * squared_norm)
+        for shifted in (True, False, False):
+            gram = ops.matmul(ops.swapaxes(a, -1, -2), a)
+            lower = ops.cholesky(gram + shift if shifted else gram)
             a = ops.swapaxes(ops.solve_triangular(lower, ops.swapaxes(a, -1, -2), lower=True), -1, -2)
         return a
 
@@ -103,7 +116,13 @@ def candidates():
         "numpy float32 QR": numpy_qr("float32"),
         "keras.ops.qr": on_device(householder),
         "CholeskyQR2": on_device(cholesky_qr2),
-        "shifted CholeskyQR3": on_device(cholesky_qr),
+        "shifted CholeskyQR3": on_device(shifted_cholesky_qr3),
+        **{
+            f"Householder reflections (blocks of {block})": on_device(
+                lambda a, block=block: _compiled_haar_orthonormal(a, block)
+            )
+            for block in (128, 256, 512)
+        },
     }
 
 

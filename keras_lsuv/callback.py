@@ -102,4 +102,5 @@ class LSUVCallback(keras.callbacks.Callback):
             options = {k: self.options[k] for k in ("engine", "measure", "target_variance", "tolerance")}
             self.report = LSUVReport(skipped_reason=reason, **options)
             return
-        self.report = lsuv_init(self.model, self.x, **self.options)
+        # The checks above are lsuv_init's own (which warns instead of skipping): force=True spares repeating them.
+        self.report = lsuv_init(self.model, self.x, **{**self.options, "force": True})

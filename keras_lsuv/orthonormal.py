@@ -15,72 +15,98 @@ from keras import ops
 
 from keras_lsuv.targets import DEPTHWISE, SEPARABLE, TRANSPOSED, Target
 
-# float32 unit roundoff (2**-24) times the safety factor of the shift of the first Cholesky-QR round.
-_SHIFT_FACTOR = 10 * 2.0**-24
-# A batch of `count` (m, n) matrices (m >= n) with count·m·n² at most this is small: a few milliseconds of QR.
-# There Householder QR (`keras.ops.qr`) beats Cholesky-QR, whose Cholesky and triangular solve cost ~10 ms each
-# in fixed overhead on a busy 2-core CPU with torch, and step 1 draws on the host in NumPy, which costs less than
-# one compilation of the device draw for a new shape on JAX (0.3-2 s per shape on a 2-core CPU).
+# The Householder reflections of `haar_orthonormal` are applied this many at a time (the blocked, compact WY form):
+# 256 was fastest of 128, 256 and 512 on a 2-core CPU on all three backends (benchmarks/step1.py).
+BLOCK = 256
+# A batch of `count` (m, n) matrices (m >= n) with count·m·n² at most this (one 256 x 256 matrix) is small: a few
+# milliseconds of QR. The ~30 operations of `haar_orthonormal` cost more than the backend's own QR there (2x on
+# TensorFlow on a 2-core CPU, `benchmarks/initializer.py`), so small draws use `householder_qr`; and step 1 draws
+# small groups on the host in NumPy, which also spares JAX a compilation per shape (0.3-2 s on a 2-core CPU).
 SMALL_SIZE = 2**24
 
 
-def cholesky_qr(matrices: Any) -> Any:
-    """The `Q` of the QR factorization of tall matrices with positive `R` diagonal, by shifted CholeskyQR3.
+def haar_orthonormal(gaussian: Any, block: int = BLOCK) -> Any:
+    """Haar-distributed matrices with orthonormal columns from Gaussian ones, at matrix-multiply speed.
 
-    Each round computes the Gram matrix `AᵀA`, its Cholesky factor `L` and
-    `A ← A L⁻ᵀ`: matrix products and one triangular solve, which run at
-    matrix-multiply speed on every backend and device. In float32 a plain
-    Cholesky of `AᵀA` fails on a square Gaussian matrix (its condition number,
-    about `n`, is squared), so the first round adds a shift
-    `s = 10 · u · √m · ‖A‖²_F` (`u` = 2⁻²⁴) to `AᵀA`: it lifts the small
-    eigenvalues above rounding error and leaves a matrix of condition number
-    at most about `1 / √(10 u √m)`, which two plain rounds make orthonormal to
-    float32 precision (Fukaya et al., 2020, "Shifted Cholesky QR for computing
-    the QR factorization of ill-conditioned matrices"). The result is `A R⁻¹`
-    with `R` upper triangular with a positive diagonal, so it is exactly the
-    `Q` of Householder QR with the signs of `R`'s diagonal folded in: for a
-    Gaussian `A`, Haar distributed.
+    Householder QR of a Gaussian `A` (`m x n`, `m >= n`) writes
+    `A = H₁⋯Hₙ R`, and the vector of `Hₖ` is built from the `k`-th column of
+    the partly reduced matrix, below the diagonal. By the rotation invariance
+    of the Gaussian that column is a fresh Gaussian vector `xₖ` of length
+    `m - k + 1`, independent of the others (Stewart, 1980, "The efficient
+    generation of random orthogonal matrices"). So the factorization itself
+    is skipped: `xₖ` is read off the lower trapezoid of `gaussian`, `Hₖ` is
+    LAPACK's reflection for it (`vₖ = xₖ + sign(xₖ₁)‖xₖ‖e₁`), and the result
+    is `Q = H₁⋯Hₙ[:, :n] · diag(-sign(xₖ₁))`: the `Q` of Householder QR with
+    the signs of `R`'s diagonal folded in, Haar distributed like the draw of
+    `keras.initializers.Orthogonal` (not the same values for a seed).
 
-    If a Cholesky factorization fails anyway the batch falls back to the
-    backend's Householder QR (`keras.ops.qr`).
+    Forming `Q` is LAPACK's `orgqr`, written in `keras.ops` so that it runs on
+    the backend's device: the reflections are applied in blocks of `block`,
+    last block first, each block as `I - U T Uᵀ` with
+    `T⁻¹ = ½ I + strictly_upper(UᵀU)` for unit vectors `U` (Joffrain et al.,
+    2006, "Accumulating Householder transformations, revisited"), and only to
+    the trailing part of `Q` that it changes: about `4/3 · n³` flops for a
+    square matrix, in matrix products and one small triangular solve per
+    block. Orthonormal to float32 rounding (`‖QᵀQ - I‖max` about 1e-6).
 
     Args:
-        matrices: A float32 tensor of shape `(..., m, n)` with `m >= n`.
+        gaussian: A float32 tensor of shape `(..., m, n)` with `m >= n` and
+            independent standard normal entries.
+        block: Number of reflections applied at a time.
 
     Returns:
         A float32 tensor of the same shape whose matrices have orthonormal columns.
     """
-    rows, cols = matrices.shape[-2], matrices.shape[-1]
-    squared_norm = ops.sum(ops.square(matrices), axis=(-2, -1), keepdims=True)
-    shift = ops.eye(cols, dtype="float32") * (_SHIFT_FACTOR * math.sqrt(rows) * squared_norm)
-    q = matrices
-    try:
-        for shifted in (True, False, False):
-            gram = ops.matmul(ops.swapaxes(q, -1, -2), q)
-            lower = ops.cholesky(gram + shift if shifted else gram)
-            q = ops.swapaxes(ops.solve_triangular(lower, ops.swapaxes(q, -1, -2), lower=True), -1, -2)
-    except Exception:  # noqa: BLE001 - a failed factorization (non positive definite Gram matrix) of any backend
-        return householder_qr(matrices)
-    return q
+    rows, cols = gaussian.shape[-2], gaussian.shape[-1]
+    batch_padding = [(0, 0)] * (len(gaussian.shape) - 2)
+    q, signs = None, list[Any]()
+    for start in reversed(range(0, cols, block)):
+        width = min(block, cols - start)
+        unit, sign = _reflections(gaussian[..., start:, start : start + width])
+        signs.insert(0, sign)
+        unit_t = ops.swapaxes(unit, -1, -2)
+        # ½ on the diagonal: `unit` has unit columns (a zero one stands for the identity and keeps T⁻¹ regular).
+        inverse_t = ops.triu(ops.matmul(unit_t, unit)) - 0.5 * ops.eye(width, dtype="float32")
+        # The part of Q that this block changes is [[I, 0], [0, q]] (q from the blocks after it); Uᵀ of it:
+        head = unit_t[..., :width]
+        product = head if q is None else ops.concatenate([head, ops.matmul(unit_t[..., width:], q)], axis=-1)
+        update = ops.matmul(unit, ops.solve_triangular(inverse_t, product, lower=False))
+        if q is None:
+            q = ops.eye(rows - start, width, dtype="float32") - update
+        else:
+            top = ops.eye(width, cols - start, dtype="float32") - update[..., :width, :]
+            bottom = ops.pad(q, [*batch_padding, (0, 0), (width, 0)]) - update[..., width:, :]
+            q = ops.concatenate([top, bottom], axis=-2)
+    return q * ops.expand_dims(ops.concatenate(signs, axis=-1), -2)
 
 
 def householder_qr(matrices: Any) -> Any:
-    """The `Q` of `keras.ops.qr` of tall matrices with the signs of `R`'s diagonal folded in (Haar for Gaussians)."""
+    """The `Q` of the backend's Householder QR (`keras.ops.qr`) with the signs of `R`'s diagonal folded in: for a
+    Gaussian, the same (Haar) distribution as `haar_orthonormal`, faster for small matrices (`SMALL_SIZE`)."""
     q, r = ops.qr(matrices)
     return q * ops.expand_dims(ops.sign(ops.diagonal(r, axis1=-2, axis2=-1)), -2)
+
+
+def _reflections(columns: Any) -> tuple[Any, Any]:
+    """The unit Householder vectors of a block of `haar_orthonormal` (column `k` from row `k` of `columns` down)
+    and the signs they fold into Q's columns (those of R's diagonal)."""
+    below = ops.tril(columns)
+    norm = ops.sqrt(ops.sum(ops.square(below), axis=-2))
+    sign = ops.where(ops.diagonal(below, axis1=-2, axis2=-1) >= 0, 1.0, -1.0)
+    vectors = below + ops.eye(*columns.shape[-2:], dtype="float32") * ops.expand_dims(sign * norm, -2)
+    length = ops.sqrt(ops.sum(ops.square(vectors), axis=-2, keepdims=True))
+    return vectors / ops.maximum(length, np.finfo("float32").tiny), -sign
 
 
 def orthonormal_matrices(count: int, rows: int, cols: int, seed: int | keras.random.SeedGenerator) -> Any:
     """Draws `count` Haar-distributed matrices with orthonormal columns (tall) or rows (wide), in float32.
 
     The Gaussian matrices are drawn with `keras.random.normal` on the
-    backend's device and orthonormalized in one batched `cholesky_qr` when
-    they are tall (`m >= 2n`) and the batch is not small (`SMALL_SIZE`), else
-    by `householder_qr`: on a CPU the backends' float32 Householder QR beats
-    Cholesky-QR on square matrices by 1.5-2x, ties on tall ones on torch and
-    JAX and loses on tall ones on TensorFlow (`benchmarks/step1.py`). The
-    values for a given seed are reproducible on one backend but differ
-    between backends (as Keras's own random initializers do).
+    backend's device and made orthonormal there, in float32, in one batched
+    call: by `haar_orthonormal`, or by `householder_qr` when the batch is
+    small (`SMALL_SIZE`). The values for a given seed are
+    reproducible on one backend but differ between backends (as Keras's own
+    random initializers do).
 
     Args:
         count: Number of matrices.
@@ -92,11 +118,10 @@ def orthonormal_matrices(count: int, rows: int, cols: int, seed: int | keras.ran
         A float32 tensor of shape `(count, rows, cols)`.
     """
     tall = (max(rows, cols), min(rows, cols))
-    # One matrix is drawn without a batch axis: JAX's CPU QR is several times slower on a batch of one, and the
-    # Gaussian is then the one `keras.initializers.Orthogonal` draws for the same seed.
+    # One matrix is drawn without a batch axis: batched products and solves of one matrix are slower on the CPU.
     gaussian = keras.random.normal((count, *tall) if count > 1 else tall, seed=seed, dtype="float32")
     small = count * tall[0] * tall[1] ** 2 <= SMALL_SIZE
-    q = householder_qr(gaussian) if small or tall[0] < 2 * tall[1] else _compiled_cholesky_qr(gaussian)
+    q = householder_qr(gaussian) if small else _compiled_haar_orthonormal(gaussian)
     q = q if count > 1 else ops.expand_dims(q, 0)
     return ops.swapaxes(q, -1, -2) if rows < cols else q
 
@@ -111,31 +136,23 @@ def host_orthonormal_matrices(count: int, rows: int, cols: int, seed: int) -> np
     return (np.swapaxes(q, -1, -2) if rows < cols else q).astype("float32")
 
 
-def _compiled_cholesky_qr(matrices: Any) -> Any:
-    """`cholesky_qr`, compiled once per shape on JAX.
+def _compiled_haar_orthonormal(gaussian: Any, block: int = BLOCK) -> Any:
+    """`haar_orthonormal`, compiled once per shape on JAX.
 
-    JAX runs eager `keras.ops` one op at a time and compiles each op for every new shape, about twenty
-    compilations per matrix shape here; one `jax.jit` of the whole function halves the first call. Keras has no
-    portable way to compile a plain function, hence this backend check. Inside `jit` Keras's Cholesky cannot
-    raise on failure, so the result is checked here (when not itself traced) and the batch redrawn by
-    Householder QR if it is not finite.
+    JAX runs eager `keras.ops` one op at a time and compiles each for every new shape, about twenty per block of
+    reflections; one `jax.jit` of the whole function compiles once and fuses the element-wise steps. Keras has no
+    portable way to compile a plain function, hence this backend check.
     """
     if keras.backend.backend() != "jax":
-        return cholesky_qr(matrices)
-    import jax
-    import jax.numpy as jnp
-
-    q = _jax_cholesky_qr()(matrices)
-    if not isinstance(q, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(q))):
-        return householder_qr(matrices)
-    return q
+        return haar_orthonormal(gaussian, block)
+    return _jax_haar_orthonormal()(gaussian, block)
 
 
 @functools.cache
-def _jax_cholesky_qr() -> Callable[[Any], Any]:
+def _jax_haar_orthonormal() -> Callable[[Any, int], Any]:
     import jax
 
-    return jax.jit(cholesky_qr)
+    return jax.jit(haar_orthonormal, static_argnums=1)
 
 
 @keras.saving.register_keras_serializable(package="keras_lsuv")
@@ -146,9 +163,10 @@ class Orthonormal(keras.initializers.Initializer):
     fan-in by fan-out for `Dense` and channels-last `ConvND` kernels. That
     matrix has orthonormal columns when it is tall and orthonormal rows when it
     is wide, times `gain`. It is Haar distributed, like the paper's SVD
-    construction, and drawn by `orthonormal_matrices`: the backend's
-    Householder QR, or `cholesky_qr` for large tall matrices (see
-    `benchmarks/initializer.py`). Values are computed in float32 and cast to
+    construction, and drawn on the backend's device by `haar_orthonormal`
+    (Householder reflections read off a Gaussian matrix, applied in blocks
+    of matrix products), or by the backend's QR for matrices of at most
+    256 x 256 (see `benchmarks/initializer.py`). Values are computed in float32 and cast to
     the requested dtype, so low-precision kernels are still orthonormal to
     within their precision. A given seed gives the same values on every call
     on one backend, but not the same values on different backends.

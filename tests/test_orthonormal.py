@@ -10,9 +10,7 @@ from hypothesis import strategies as st
 import keras_lsuv
 from keras_lsuv import orthonormal
 from keras_lsuv.orthonormal import (
-    cholesky_qr,
     host_orthonormal_matrices,
-    householder_qr,
     orthonormal_matrices,
     redraw_orthonormal,
 )
@@ -22,6 +20,10 @@ from keras_lsuv.targets import find_targets
 def as_matrix(kernel):
     values = keras.ops.convert_to_numpy(keras.ops.cast(kernel, "float32"))
     return values.reshape(-1, values.shape[-1])
+
+
+# `haar_orthonormal`, compiled once per shape on JAX (eager JAX compiles each of its operations per shape).
+compiled = orthonormal._compiled_haar_orthonormal
 
 
 def assert_orthonormal(matrix, gain=1.0, atol=1e-5):
@@ -268,23 +270,55 @@ def test_redraw_keeps_the_variable_objects():
         assert layer.kernel.value is value
 
 
-def test_cholesky_qr_is_householder_qr_with_positive_diagonal():
-    """Both give the unique Q with R's diagonal positive: the same matrices, so the same (Haar) distribution."""
-    for rows, cols in [(96, 96), (300, 40)]:
-        gaussian = keras.random.normal((3, rows, cols), seed=rows + cols)
-        fast = keras.ops.convert_to_numpy(cholesky_qr(gaussian))
-        reference = keras.ops.convert_to_numpy(householder_qr(gaussian))
-        np.testing.assert_allclose(fast, reference, atol=2e-4)
-        for matrix in fast:
-            assert_orthonormal(matrix)
+def reflections_product(gaussian):
+    """Stewart's construction in float64 NumPy, one reflection at a time: H₁⋯Hₙ[:, :n] · diag(-sign(xₖ₁))."""
+    rows, cols = gaussian.shape
+    q = np.eye(rows)[:, :cols]
+    signs = []
+    for k in reversed(range(cols)):
+        x = gaussian[k:, k].astype("float64")
+        sign = 1.0 if x[0] >= 0 else -1.0
+        v = x.copy()
+        v[0] += sign * np.linalg.norm(x)
+        q[k:] -= 2 * np.outer(v, v @ q[k:]) / (v @ v)
+        signs.insert(0, -sign)
+    return q * np.array(signs)
 
 
-@pytest.mark.parametrize("orthonormalize", [cholesky_qr, orthonormal._compiled_cholesky_qr])
-def test_cholesky_qr_of_rank_deficient_matrices_still_orthonormal(orthonormalize):
-    """Cholesky fails on a singular Gram matrix; the draw falls back to Householder QR."""
-    matrix = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
-    matrix[:, 1] = matrix[:, 0]
-    assert_orthonormal(keras.ops.convert_to_numpy(orthonormalize(keras.ops.convert_to_tensor(matrix[None])))[0])
+@pytest.mark.parametrize("block", [4, 256])
+@pytest.mark.parametrize("rows, cols", [(24, 24), (40, 10), (13, 11)])
+def test_haar_orthonormal_is_the_product_of_the_householder_reflections(block, rows, cols):
+    """The blocked (compact WY) accumulation equals the reflections applied one by one, block edges included."""
+    gaussian = keras.random.normal((2, rows, cols), seed=rows * cols)
+    fast = keras.ops.convert_to_numpy(compiled(gaussian, block))
+    for matrix, q in zip(keras.ops.convert_to_numpy(gaussian), fast, strict=True):
+        np.testing.assert_allclose(q, reflections_product(matrix), atol=2e-5)
+        assert_orthonormal(q)
+
+
+def test_haar_orthonormal_first_column_is_the_gaussians_first_column_normalized():
+    """As for Householder QR with R's diagonal positive: q₁ = a₁ / ‖a₁‖ (the sign convention is the Haar one)."""
+    gaussian = keras.random.normal((1, 30, 30), seed=4)
+    q = keras.ops.convert_to_numpy(compiled(gaussian))[0]
+    first = keras.ops.convert_to_numpy(gaussian)[0, :, 0]
+    np.testing.assert_allclose(q[:, 0], first / np.linalg.norm(first), atol=1e-6)
+
+
+def test_haar_orthonormal_survives_a_zero_column():
+    """A zero Householder vector (probability zero, but possible in float32) stands for the identity."""
+    gaussian = np.random.default_rng(0).normal(size=(1, 16, 8)).astype("float32")
+    gaussian[0, 7:, 7] = 0
+    q = keras.ops.convert_to_numpy(compiled(keras.ops.convert_to_tensor(gaussian)))[0]
+    assert np.isfinite(q).all()
+    assert_orthonormal(q)
+
+
+@pytest.mark.parametrize("shape", [(1, 700, 300), (3, 260, 260)])
+def test_haar_orthonormal_across_blocks_stays_orthonormal(shape):
+    """More than one block of `BLOCK` reflections, with a partial last block, stays orthonormal to 1e-5."""
+    q = keras.ops.convert_to_numpy(orthonormal_matrices(shape[0], shape[1], shape[2], seed=1))
+    for matrix in q:
+        assert_orthonormal(matrix)
 
 
 def haar_violations(matrices):
@@ -306,13 +340,18 @@ def haar_violations(matrices):
     return violations
 
 
-def cholesky_draw(count, rows, cols, seed):
-    """`orthonormal_matrices` with `cholesky_qr` whatever the size (small batches use Householder QR)."""
-    q = cholesky_qr(keras.random.normal((count, max(rows, cols), min(rows, cols)), seed=seed))
+def haar_draw(count, rows, cols, seed, block=orthonormal.BLOCK):
+    """`orthonormal_matrices` by `haar_orthonormal` whatever the size (small draws use Householder QR)."""
+    q = compiled(keras.random.normal((count, max(rows, cols), min(rows, cols)), seed=seed), block)
     return keras.ops.swapaxes(q, -1, -2) if rows < cols else q
 
 
-@pytest.mark.parametrize("draw", [orthonormal_matrices, host_orthonormal_matrices, cholesky_draw])
+def blocked_draw(count, rows, cols, seed):
+    """`haar_draw` with blocks of 2 reflections, so that 3-column matrices take two blocks."""
+    return haar_draw(count, rows, cols, seed, block=2)
+
+
+@pytest.mark.parametrize("draw", [orthonormal_matrices, host_orthonormal_matrices, haar_draw, blocked_draw])
 @pytest.mark.parametrize("rows, cols", [(3, 3), (3, 2), (2, 3)])
 def test_draw_is_haar_entries_uniform_on_the_sphere(draw, rows, cols):
     matrices = keras.ops.convert_to_numpy(draw(2000, rows, cols, 5)).astype("float64")
@@ -325,7 +364,7 @@ def test_haar_check_rejects_a_draw_without_sign_correction():
     assert haar_violations(q) != []
 
 
-@pytest.mark.parametrize("draw", [orthonormal_matrices, host_orthonormal_matrices, cholesky_draw])
+@pytest.mark.parametrize("draw", [orthonormal_matrices, host_orthonormal_matrices, haar_draw, blocked_draw])
 def test_draw_is_haar_trace_moments(draw):
     """For Haar Q in O(n), n >= 2: E[tr Q] = 0, E[(tr Q)²] = 1, E[tr Q²] = 1 (Diaconis & Shahshahani, 1994)."""
     q = keras.ops.convert_to_numpy(draw(4000, 16, 16, 3)).astype("float64")
@@ -375,3 +414,14 @@ def test_large_groups_are_drawn_on_the_device_small_ones_on_the_host(monkeypatch
     assert calls == {"device": [(1, 512, 512)], "host": [(1, 512, 8)]}
     for layer in model.layers:
         assert_orthonormal(as_matrix(layer.kernel))
+
+
+def test_small_draws_use_householder_qr_large_ones_the_reflections(monkeypatch):
+    used = []
+    for name in ("householder_qr", "haar_orthonormal"):
+        draw = getattr(orthonormal, name)
+        monkeypatch.setattr(orthonormal, name, lambda *args, draw=draw, name=name: used.append(name) or draw(*args))
+    monkeypatch.setattr(orthonormal, "_jax_haar_orthonormal", lambda: orthonormal.haar_orthonormal)
+    assert_orthonormal(as_matrix(keras_lsuv.Orthonormal(seed=0)((256, 256))))
+    assert_orthonormal(as_matrix(keras_lsuv.Orthonormal(seed=0)((3, 3, 256, 300))))
+    assert used == ["householder_qr", "haar_orthonormal"]

@@ -65,8 +65,10 @@ def haar_orthonormal(gaussian: Any, block: int = BLOCK) -> Any:
         unit, sign = _reflections(gaussian[..., start:, start : start + width])
         signs.insert(0, sign)
         unit_t = ops.swapaxes(unit, -1, -2)
-        # ½ on the diagonal: `unit` has unit columns (a zero one stands for the identity and keeps T⁻¹ regular).
-        inverse_t = ops.triu(ops.matmul(unit_t, unit)) - 0.5 * ops.eye(width, dtype="float32")
+        # T⁻¹ = strictly_upper(UᵀU) + diag(uᵢᵀuᵢ) / 2: with the computed lengths (1 up to rounding), each block is
+        # exactly the product of the reflections of its vectors as rounded, which halves the loss of orthogonality.
+        gram = ops.matmul(unit_t, unit)
+        inverse_t = ops.triu(gram) - 0.5 * gram * ops.eye(width, dtype="float32")
         # The part of Q that this block changes is [[I, 0], [0, q]] (q from the blocks after it); Uᵀ of it:
         head = unit_t[..., :width]
         product = head if q is None else ops.concatenate([head, ops.matmul(unit_t[..., width:], q)], axis=-1)
@@ -93,9 +95,10 @@ def _reflections(columns: Any) -> tuple[Any, Any]:
     below = ops.tril(columns)
     norm = ops.sqrt(ops.sum(ops.square(below), axis=-2))
     sign = ops.where(ops.diagonal(below, axis1=-2, axis2=-1) >= 0, 1.0, -1.0)
-    vectors = below + ops.eye(*columns.shape[-2:], dtype="float32") * ops.expand_dims(sign * norm, -2)
-    length = ops.sqrt(ops.sum(ops.square(vectors), axis=-2, keepdims=True))
-    return vectors / ops.maximum(length, np.finfo("float32").tiny), -sign
+    # A zero column (probability zero, possible in float32) gets the vector e₁: still a reflection.
+    shift = sign * norm + ops.cast(ops.equal(norm, 0.0), "float32")
+    vectors = below + ops.eye(*columns.shape[-2:], dtype="float32") * ops.expand_dims(shift, -2)
+    return vectors / ops.sqrt(ops.sum(ops.square(vectors), axis=-2, keepdims=True)), -sign
 
 
 def orthonormal_matrices(count: int, rows: int, cols: int, seed: int | keras.random.SeedGenerator) -> Any:

@@ -14,7 +14,7 @@ one batched call), in float32 on the backend's device except the NumPy rows:
   two plain rounds (Fukaya et al., 2020): what step 1 used for large tall matrices before `haar_orthonormal`;
 - `Householder reflections (blocks of 128/256/512)`: `keras_lsuv.orthonormal.haar_orthonormal`, the reflections of
   Householder QR read off the Gaussian (Stewart, 1980) and applied in blocks of matrix products; what step 1 uses,
-  with blocks of 256.
+  with blocks of 512.
 
 Prints, per backend and model, the first call (compilation on JAX) and the median of the following calls, and the
 worst `‖QᵀQ - I‖max` of each candidate. Each backend runs in its own process.

@@ -1,6 +1,6 @@
 """Orthonormal vs keras.initializers.Orthogonal (and the paper's SVD construction): draw time per backend.
 
-Run: .venv/bin/python benchmarks/initializer.py [--repeats 5] [--backends tensorflow,jax,torch] [--no-svd]
+Run: .venv/bin/python benchmarks/initializer.py [--repeats 15] [--backends tensorflow,jax,torch] [--no-svd]
      [--shapes 256x256,1024x1024]
 
 Each backend runs in its own process (Keras fixes the backend per process). A draw is timed until its values
@@ -51,12 +51,25 @@ def same_size_matmul(shape):
     return lambda _: keras.ops.matmul(a, b)
 
 
+# Timed draws stop once they add up to this many seconds (at least one): a 256x256 draw takes milliseconds and
+# needs many for a stable median, a 4096x4096 one takes seconds on 2 cores.
+BUDGET_SECONDS = 0.5
+
+
+def gaussian(shape):
+    """The Gaussian draw alone (`keras.random.normal` of the kernel's shape, float32): part of every QR-based draw."""
+    import keras
+
+    return keras.random.normal(shape, seed=0, dtype="float32")
+
+
 def median_seconds(draw, shape, repeats):
+    """The median time of up to `repeats` draws (fewer once they take `BUDGET_SECONDS`), after a warm-up draw."""
     import keras
 
     keras.ops.convert_to_numpy(draw(shape))  # warm-up (compilation on JAX)
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats and (not times or sum(times) < BUDGET_SECONDS):
         start = time.perf_counter()
         keras.ops.convert_to_numpy(draw(shape))
         times.append(time.perf_counter() - start)
@@ -79,12 +92,13 @@ def worker(repeats, shapes, with_svd):
         for name, draw in variants.items():
             row[name] = median_seconds(draw, shape, repeats)
         row["matmul"] = median_seconds(same_size_matmul(shape), shape, repeats)
+        row["gaussian"] = median_seconds(gaussian, shape, repeats)
         print(json.dumps(row), flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15, help="at most this many timed draws per variant and shape")
     parser.add_argument("--backends", default="tensorflow,jax,torch")
     parser.add_argument("--quick", action="store_true", help="small shapes, one repeat: checks the script runs")
     parser.add_argument("--no-svd", action="store_true", help="skip the (slow) SVD construction")
@@ -107,7 +121,7 @@ def main():
         if result.returncode:
             sys.exit(f"{backend} worker failed:\n{result.stderr}")
         rows += [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    names = [k for k in rows[0] if k not in ("backend", "shape", "matmul")]
+    names = [k for k in rows[0] if k not in ("backend", "shape", "matmul", "gaussian")]
     header = "| backend | shape | " + " | ".join(f"{n} (ms)" for n in names) + " | matmul (ms)"
     header += " | " + " | ".join(f"{n} / Orthogonal" for n in names[1:]) + " | Orthonormal / matmul |"
     print(header)

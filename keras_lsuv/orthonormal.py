@@ -16,8 +16,9 @@ from keras import ops
 from keras_lsuv.targets import DEPTHWISE, SEPARABLE, TRANSPOSED, Target
 
 # The Householder reflections of `haar_orthonormal` are applied this many at a time (the blocked, compact WY form).
-# On the kernels of ResNet50 and GPT-2 on a 2-core CPU (`benchmarks/step1.py`), blocks of 512 were as fast as or up
-# to 8 % faster than blocks of 256 on every backend, and blocks of 128 10-30 % slower.
+# On the kernels of ResNet50 and GPT-2 on a 2-core CPU (`benchmarks/step1.py`), blocks of 256 and 512 were within
+# 10 % of each other warm on every backend and blocks of 128 up to 30 % slower; 512 compiles in fewer steps on JAX
+# (first step 1 of ResNet50: 4.7 s against 11.2 s).
 BLOCK = 512
 # A batch of `count` (m, n) matrices (m >= n) with count·m·n² at most this (one 256 x 256 matrix) is small: a few
 # milliseconds of QR. The ~30 operations of `haar_orthonormal` cost more than the backend's own QR there (2x on

@@ -8,7 +8,7 @@ from typing import Any
 import keras
 
 from keras_lsuv.data import DEFAULT_NUM_SAMPLES, check_is_data
-from keras_lsuv.guard import training_evidence
+from keras_lsuv.guard import skipped_reason, training_evidence
 from keras_lsuv.lsuv import lsuv_init
 from keras_lsuv.options import check_options
 from keras_lsuv.report import LSUVReport
@@ -97,7 +97,7 @@ class LSUVCallback(keras.callbacks.Callback):
         if evidence:
             # Called directly, lsuv_init re-initializes a model whose weights look trained (with a warning); fit
             # resuming from a checkpoint must not.
-            reason = f"{evidence}; nothing was changed. Pass force=True to re-initialize it."
+            reason = skipped_reason(evidence)
             warnings.warn(f"LSUV skipped: {reason}", UserWarning, stacklevel=2)
             options = {k: self.options[k] for k in ("engine", "measure", "target_variance", "tolerance")}
             self.report = LSUVReport(skipped_reason=reason, **options)

@@ -50,19 +50,22 @@ def training_evidence(model: keras.Model) -> str | None:
     Returns:
         A reason that completes "LSUV skipped: ...".
     """
-    steps = optimizer_steps(model)
-    if steps:
-        return f"the model has already been trained ({steps} optimizer steps)"
+    if steps := optimizer_steps_evidence(model):
+        return steps
     moved = trained_weights_evidence(model)
     return f"the model's weights look already trained: {moved}" if moved else None
 
 
-def optimizer_steps(model: keras.Model) -> int:
-    """How many steps the model's optimizer has taken (0 without an optimizer)."""
+def skipped_reason(evidence: str) -> str:
+    """The report's and the warning's reason for skipping a model, from `training_evidence`'s (or part of it)."""
+    return f"{evidence}; nothing was changed. Pass force=True to re-initialize it."
+
+
+def optimizer_steps_evidence(model: keras.Model) -> str | None:
+    """Says how many steps the model's optimizer has taken, or returns `None` (no optimizer, or no step yet)."""
     optimizer = getattr(model, "optimizer", None)
-    if optimizer is None:
-        return 0
-    return int(ops.convert_to_numpy(optimizer.iterations))
+    steps = 0 if optimizer is None else int(ops.convert_to_numpy(optimizer.iterations))
+    return f"the model has already been trained ({steps} optimizer steps)" if steps else None
 
 
 def trained_weights_evidence(model: keras.Model) -> str | None:

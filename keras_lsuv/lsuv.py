@@ -11,7 +11,7 @@ from keras import ops, tree
 
 from keras_lsuv.data import DEFAULT_NUM_SAMPLES, first_sample, prepare_batch
 from keras_lsuv.engines import ENGINES
-from keras_lsuv.guard import optimizer_steps, trained_weights_evidence
+from keras_lsuv.guard import optimizer_steps_evidence, skipped_reason, trained_weights_evidence
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.options import check_options, integer_seed
 from keras_lsuv.orthonormal import redraw_orthonormal
@@ -126,12 +126,9 @@ def lsuv_init(
         num_samples=num_samples,
     )
     report = LSUVReport(engine=engine, measure=measure, target_variance=target_variance, tolerance=tolerance)
-    steps = optimizer_steps(model)
-    if steps and not force:
-        report.skipped_reason = (
-            f"the model has already been trained ({steps} optimizer steps); nothing was changed. "
-            "Pass force=True to re-initialize it."
-        )
+    steps = None if force else optimizer_steps_evidence(model)
+    if steps:
+        report.skipped_reason = skipped_reason(steps)
         warnings.warn(f"LSUV skipped: {report.skipped_reason}", UserWarning, stacklevel=_CALLER)
         return report
     evidence = None if force else trained_weights_evidence(model)

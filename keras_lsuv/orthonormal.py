@@ -123,24 +123,24 @@ def orthonormal_matrices(count: int, rows: int, cols: int, seed: int | keras.ran
     Returns:
         A float32 tensor of shape `(count, rows, cols)`.
     """
-    if count == 1:  # without a batch axis: batched products and solves of one matrix are slower on the CPU
-        return ops.expand_dims(_orthonormal_matrix(rows, cols, seed), 0)
+    # One matrix is drawn without a batch axis: batched products and solves of one matrix are slower on the CPU.
+    if count == 1:
+        return ops.expand_dims(_orthonormal_draw((), rows, cols, seed), 0)
+    return _orthonormal_draw((count,), rows, cols, seed)
+
+
+def _orthonormal_draw(batch: tuple[int, ...], rows: int, cols: int, seed: int | keras.random.SeedGenerator) -> Any:
+    """`orthonormal_matrices` with the batch axes `batch` (none for one matrix, as the initializer draws it)."""
     tall = (max(rows, cols), min(rows, cols))
-    q = _orthonormalized(keras.random.normal((count, *tall), seed=seed, dtype="float32"))
+    gaussian = keras.random.normal((*batch, *tall), seed=seed, dtype="float32")
+    small = _is_small(math.prod(batch), *tall)
+    q = householder_qr(gaussian) if small else _compiled_haar_orthonormal(gaussian)
     return ops.swapaxes(q, -1, -2) if rows < cols else q
 
 
-def _orthonormal_matrix(rows: int, cols: int, seed: int | keras.random.SeedGenerator) -> Any:
-    """One matrix of `orthonormal_matrices`, of shape `(rows, cols)`."""
-    q = _orthonormalized(keras.random.normal((max(rows, cols), min(rows, cols)), seed=seed, dtype="float32"))
-    return ops.transpose(q) if rows < cols else q
-
-
-def _orthonormalized(gaussian: Any) -> Any:
-    """`householder_qr` of a small batch of Gaussian matrices (`SMALL_SIZE`), else `haar_orthonormal`."""
-    rows, cols = gaussian.shape[-2], gaussian.shape[-1]
-    small = math.prod(gaussian.shape[:-2]) * rows * cols**2 <= SMALL_SIZE
-    return householder_qr(gaussian) if small else _compiled_haar_orthonormal(gaussian)
+def _is_small(count: int, rows: int, cols: int) -> bool:
+    """Whether `count` matrices of shape `(rows, cols)` are a small draw (`SMALL_SIZE`)."""
+    return count * max(rows, cols) * min(rows, cols) ** 2 <= SMALL_SIZE
 
 
 def host_orthonormal_matrices(count: int, rows: int, cols: int, seed: int) -> np.ndarray:
@@ -228,7 +228,7 @@ class Orthonormal(keras.initializers.Initializer):
                 "Orthonormal needs a kernel of rank 2 or more (fan-in by "
                 f"fan-out). Received: shape={shape} of rank {len(shape)}."
             )
-        matrix = _orthonormal_matrix(math.prod(shape[:-1]), shape[-1], self.seed)
+        matrix = _orthonormal_draw((), math.prod(shape[:-1]), shape[-1], self.seed)
         # Only the operations needed: each eager one costs about 0.1 ms on a CPU, a 256 x 256 draw about 2-5 ms.
         kernel = matrix if self.gain == 1.0 else matrix * self.gain
         kernel = kernel if len(shape) == 2 else ops.reshape(kernel, shape)
@@ -284,7 +284,7 @@ def redraw_orthonormal(targets: Sequence[Target], seed: int | None = None) -> No
     seeds = np.random.default_rng(seed)
     for (rows, cols), kernels in groups.items():
         total, group_seed = sum(count for _, count, _ in kernels), int(seeds.integers(2**31))
-        on_host = total * max(rows, cols) * min(rows, cols) ** 2 <= SMALL_SIZE
+        on_host = _is_small(total, rows, cols)
         # On the host the layouts are NumPy operations: per-shape device ops would each compile on JAX.
         if on_host:
             matrices, xp = host_orthonormal_matrices(total, rows, cols, group_seed), np

@@ -10,7 +10,9 @@ divides two times measured in that same process. Sections:
    `lsuv_init` with each engine, as a ratio to that forward pass; median of `--repeats` calls after a first call,
    which is reported on its own (tracing, JAX per-op compiles). The sub-model engine is O(depth²) and only runs on
    models with at most `SUBMODEL_MAX_TARGETS` target layers.
-2. Real models (`real_models.py`): a GPT-2 block stack and ResNet50: forward, full LSUV, rescale only, step 1 alone.
+2. Real models (`real_models.py`): a GPT-2 block stack and ResNet50: forward, full LSUV, rescale only, step 1 alone,
+   and how many times one rescale-only `lsuv_init` reads values back to the host (each read makes an accelerator
+   wait for the host; on this CPU a read is cheap, so the count is the figure, not its time).
 3. The PyTorch peer, the `lsuv` package by the paper's first author, on the same Conv2d/ReLU stack and on a torch
    ResNet50 (torch process only). Install it with `.venv/bin/pip install -c requirements/constraints.txt lsuv`;
    without it the section is skipped with a message.
@@ -145,6 +147,24 @@ def lsuv(model, x, engine, orthonormal=True):
     return keras_lsuv.lsuv_init(model, x, engine=engine, orthonormal=orthonormal, seed=0, force=True, verbose=0)
 
 
+def host_reads(call):
+    """How many times `call()` reads a value back to the host (`keras.ops.convert_to_numpy`, which LSUV uses)."""
+    from keras import ops
+
+    convert, reads = ops.convert_to_numpy, []
+
+    def counted(x):
+        reads.append(1)
+        return convert(x)
+
+    ops.convert_to_numpy = counted
+    try:
+        call()
+    finally:
+        ops.convert_to_numpy = convert
+    return len(reads)
+
+
 def cost_rows(config, repeats):
     """Section 1: forward, single_pass and submodel times for the conv stacks and the applications."""
     import keras
@@ -201,6 +221,7 @@ def real_rows(config, repeats):
         row["forward_first"], row["forward"], _ = first_and_median(functools.partial(forward, model, x), 1)
         row["lsuv_first"], row["lsuv"], _ = first_and_median(functools.partial(lsuv, model, x, "single_pass"), 1)
         _, row["rescale_only"], _ = first_and_median(functools.partial(lsuv, model, x, "single_pass", False), 1)
+        row["reads"] = host_reads(functools.partial(lsuv, model, x, "single_pass", False))
         row["step1_first"], row["step1"], _ = first_and_median(step1, 1)
         yield row
 
@@ -382,11 +403,11 @@ def cost_section(rows):
 
 def real_section(rows):
     header = ["backend", "model", "targets", "forward (s)", "forward 1st (s)", "full LSUV / fwd", "LSUV 1st / fwd"]
-    header += ["rescale only / fwd", "step 1 alone / fwd", "step 1 1st (s)", "full LSUV (s)"]
+    header += ["rescale only / fwd", "host reads (rescale)", "step 1 alone / fwd", "step 1 1st (s)", "full LSUV (s)"]
     body = [
         [r["backend"], r["model"], r["targets"], f"{r['forward']:.2f}", f"{r['forward_first']:.2f}"]
-        + [ratio(r, k) for k in ("lsuv", "lsuv_first", "rescale_only", "step1")]
-        + [f"{r['step1_first']:.2f}", f"{r['lsuv']:.2f}"]
+        + [ratio(r, k) for k in ("lsuv", "lsuv_first", "rescale_only")]
+        + [r["reads"], ratio(r, "step1"), f"{r['step1_first']:.2f}", f"{r['lsuv']:.2f}"]
         for r in rows
     ]
     return table(header, body)

@@ -102,10 +102,16 @@ def _gather_in(group: ProcessGroup, array: np.ndarray) -> np.ndarray:
 
 def gather_statistics(array: np.ndarray) -> np.ndarray | None:
     """Like `gather`, for the statistics of a measurement; `None` where the measurement was global already."""
+    return None if measurements_are_global() else gather(array)
+
+
+def measurements_are_global() -> bool:
+    """True where a measurement needs no gathering: one process, or a model of global arrays (JAX).
+
+    Only then may a measurement stay on the device until the end of the pass (see `statistics.variance_on_device`).
+    """
     group = _ACTIVE.get()
-    if group is None or group.make_global is not None:
-        return None
-    return gather(array)
+    return group is None or group.make_global is not None
 
 
 def shared_seed(seed: int | None) -> int | None:

@@ -93,25 +93,18 @@ def find_scale(
     Raises:
         ValueError: If the layer's output is not finite.
     """
-    layer = target.layer
     goal = criterion.target_variance
     scale, iterations, reason = 1.0, 0, None
     initial = current = variance_at(scale)
     while True:
-        if not math.isfinite(current):
-            raise ValueError(
-                f"LSUV: layer '{layer.name}' ({type(layer).__name__}) produced non-finite values "
-                f"(output variance {current}) at kernel scale {scale:.4g}. Check the batch and the layers before it."
-            )
+        _check_finite(target, current, scale)
         if abs(current - goal) < criterion.tolerance or iterations >= criterion.max_iterations:
             break
         if floor is not None and floor >= goal + criterion.tolerance and current > goal:
             reason = f"the bias alone gives a variance of {floor:.3g}, above the target: no kernel scale can reach it"
             break
         if current <= MIN_RELATIVE_VARIANCE * goal:
-            reason = f"output variance {current:.3g} is too small to rescale safely"
-            if current > MIN_RELATIVE_VARIANCE:  # a usable output: it is the target that cannot be reached
-                reason = f"target variance {goal:g} is out of reach from output variance {current:.3g}"
+            reason = _too_small_reason(current, goal)
             break
         step = math.sqrt(goal / current)
         if scale * step > limit.scale:
@@ -123,12 +116,86 @@ def find_scale(
         scale *= step
         iterations += 1
         current = variance_at(scale)
+    return _record(target, initial, current, iterations, scale, criterion, reason)
+
+
+def unit_scale(variance: Any, criterion: Criterion) -> Any:
+    """LSUV's loop in closed form, on the device, for a pre-activation `s·z` linear in the kernel with no bias.
+
+    `var(s·z) = s²·var(z)`, so `find_scale` would stop after at most one rescale, by `sqrt(target / var)`, and
+    make none where `var` is within tolerance already, too small to rescale safely, not finite, or where
+    `max_iterations` is 0. This makes the same choice from `variance` (a float32 scalar from
+    `statistics.variance_on_device`) without reading it back, so the pass goes on without waiting for the host.
+    The kernel's dtypes cannot limit the scale: it is for float32 kernels computed in float32 only, where a scale is
+    at most `MIN_RELATIVE_VARIANCE ** -0.5`.
+
+    Args:
+        variance: The output variance at scale 1, a float32 scalar tensor.
+        criterion: Target variance, tolerance and iteration limit.
+
+    Returns:
+        The scale, a float32 scalar tensor on the device of `variance`; `unit_scale_record` reports it.
+    """
+    goal = criterion.target_variance
+    if criterion.max_iterations < 1:
+        return ops.ones((), dtype="float32")
+    # A NaN fails every comparison; an infinite variance fails the last one: neither is rescaled.
+    rescale = ops.logical_and(
+        ops.greater_equal(ops.abs(ops.subtract(variance, goal)), criterion.tolerance),
+        ops.logical_and(ops.greater(variance, MIN_RELATIVE_VARIANCE * goal), ops.less(variance, math.inf)),
+    )
+    return ops.where(rescale, ops.sqrt(ops.divide(goal, variance)), ops.ones((), dtype="float32"))
+
+
+def unit_scale_record(target: Target, variance: float, scale: float, criterion: Criterion) -> LayerRecord:
+    """The record of a layer rescaled by `unit_scale`, from its variance and scale read back after the pass.
+
+    The final variance is computed from the scale as applied (float32), as `find_scale` computes it from moments.
+
+    Raises:
+        ValueError: If the layer's output is not finite.
+    """
+    _check_finite(target, variance, 1.0)
+    current = scale * scale * variance
+    iterations = int(scale != 1.0)
+    goal = criterion.target_variance
+    # Where `find_scale` would stop for a variance too small to rescale (the record's reason, as it gives it).
+    too_small = criterion.max_iterations >= 1 and criterion.tolerance <= abs(variance - goal)
+    reason = _too_small_reason(variance, goal) if too_small and variance <= MIN_RELATIVE_VARIANCE * goal else None
+    return _record(target, variance, current, iterations, scale, criterion, reason)
+
+
+def _check_finite(target: Target, variance: float, scale: float) -> None:
+    if not math.isfinite(variance):
+        layer = target.layer
+        raise ValueError(
+            f"LSUV: layer '{layer.name}' ({type(layer).__name__}) produced non-finite values "
+            f"(output variance {variance}) at kernel scale {scale:.4g}. Check the batch and the layers before it."
+        )
+
+
+def _too_small_reason(variance: float, goal: float) -> str:
+    if variance > MIN_RELATIVE_VARIANCE:  # a usable output: it is the target that cannot be reached
+        return f"target variance {goal:g} is out of reach from output variance {variance:.3g}"
+    return f"output variance {variance:.3g} is too small to rescale safely"
+
+
+def _record(
+    target: Target,
+    initial: float,
+    current: float,
+    iterations: int,
+    scale: float,
+    criterion: Criterion,
+    reason: str | None,
+) -> LayerRecord:
+    goal = criterion.target_variance
     converged = abs(current - goal) < criterion.tolerance
     if not converged and reason is None:
         reason = f"|variance - target| = {abs(current - goal):.3g} after {iterations} rescales"
     return LayerRecord(
-        name=layer.name,
-        class_name=type(layer).__name__,
+        name=target.layer.name,
+        class_name=type(target.layer).__name__,
         initial_variance=initial,
         final_variance=current,
         iterations=iterations,

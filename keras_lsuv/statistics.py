@@ -5,6 +5,9 @@ deviations (M2) of each group of elements that share one bias value (a channel; 
 bias). Fetched to the host in float64, they give every variance LSUV needs by arithmetic alone: the variance over the
 whole tensor, the variance after scaling the kernel (for layers whose output is linear in it), and the variance over
 several tensors (several calls of one layer) merged without keeping them.
+
+Where nothing has to be merged, a variance may instead stay on the device (`variance_on_device`) and be read back
+with others in one transfer (`fetch`).
 """
 
 from __future__ import annotations
@@ -109,3 +112,18 @@ def _merge_processes(local: Moments) -> Moments:
 def variance(z: Any) -> float:
     """One scalar variance over the whole tensor `z`, as the paper measures it."""
     return moments(z).variance()
+
+
+def variance_on_device(z: Any) -> Any:
+    """The variance over the whole tensor `z` as a float32 scalar left on its device, to `fetch` later.
+
+    The same statistic as `variance(z)`, without a host round trip, so that an accelerator does not wait for the
+    host at every layer. Only where `processes.measurements_are_global()`: with several TensorFlow processes each
+    measurement must go through the host to be merged.
+    """
+    return ops.var(ops.cast(z, "float32"))
+
+
+def fetch(values: list[Any]) -> np.ndarray:
+    """Reads device scalars (e.g. from `variance_on_device`) to the host in one transfer, as float64."""
+    return np.asarray(ops.convert_to_numpy(ops.stack(values)), dtype="float64")

@@ -41,11 +41,13 @@ class Target:
         skip_reason: Why it is left alone (frozen, kernel not a plain
             variable), else `None`.
         before: The kernels as they were before the run (`save_kernels`).
+        host_bias: The bias's values on the host, flat, float64 (`read_biases`); `None` until read or without bias.
     """
 
     layer: keras.layers.Layer
     skip_reason: str | None = None
     before: list[Any] | None = dataclasses.field(default=None, repr=False)
+    host_bias: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def save_kernels(self) -> None:
         """Keeps a copy of the kernels as they are now, for `restore_kernels`."""
@@ -85,15 +87,22 @@ class Target:
         reason = self.skip_reason or "not reached by the forward pass"
         return LayerRecord(self.layer.name, type(self.layer).__name__, reason=reason)
 
+    def adds_bias(self) -> bool:
+        """True when the layer has a bias that is not all zero, as `host_bias` says (read here if not read yet)."""
+        if getattr(self.layer, "bias", None) is None:
+            return False
+        if self.host_bias is None:
+            read_biases([self])
+        return bool(np.any(self.host_bias))
+
     def bias_term(self, like: Any) -> Any:
         """The bias as it is added to the pre-activation output `like` (float32), or `None` if absent or all zero.
 
         A zero bias (the usual fresh initialization) lets the engine skip the bias arithmetic on the whole output.
         """
-        bias = getattr(self.layer, "bias", None)
-        if bias is None or not np.any(ops.convert_to_numpy(bias)):
+        if not self.adds_bias():
             return None
-        bias = ops.cast(bias, "float32")
+        bias = ops.cast(self.layer.bias, "float32")
         if getattr(self.layer, "data_format", "channels_last") == "channels_first":
             bias = ops.reshape(bias, (1, -1) + (1,) * (len(like.shape) - 2))
         return bias
@@ -107,6 +116,22 @@ def find_targets(model: keras.layers.Layer) -> list[Target]:
             seen.add(id(layer))
             targets.append(Target(layer, _skip_reason(layer)))
     return targets
+
+
+def read_biases(targets: list[Target]) -> None:
+    """Reads the biases of `targets` to the host (`Target.host_bias`) in one transfer.
+
+    LSUV never changes a bias, so the engine reads them all once, before its pass, rather than once per layer in the
+    middle of it, where each read would make an accelerator wait for the host.
+    """
+    with_bias = [t for t in targets if getattr(t.layer, "bias", None) is not None]
+    if not with_bias:
+        return
+    flat = [ops.reshape(ops.cast(t.layer.bias, "float32"), (-1,)) for t in with_bias]
+    values = np.asarray(ops.convert_to_numpy(ops.concatenate(flat)), dtype="float64")
+    ends = np.cumsum([int(np.prod(t.layer.bias.shape)) for t in with_bias])
+    for target, host_bias in zip(with_bias, np.split(values, ends[:-1]), strict=True):
+        target.host_bias = host_bias
 
 
 def _walk(layer: keras.layers.Layer) -> Iterator[keras.layers.Layer]:

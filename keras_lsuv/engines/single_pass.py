@@ -3,7 +3,9 @@
 Every target layer's `call` is intercepted for the duration of one `model(batch)` call. When the pass reaches a
 target, the layer is evaluated once without its activation, its kernel is rescaled to unit output variance, and the
 pass continues with the rescaled layer's output, so each layer is evaluated about once whatever the depth (thinc's
-approach, not the O(L^2) prefix re-runs of the sub-model method).
+approach, not the O(L^2) prefix re-runs of the sub-model method). Where a layer's scale follows from one variance
+(float32, no bias: `rescale.unit_scale`), it is found on the device and read back with the others when the pass
+ends, so that an accelerator does not wait for the host at every layer; the biases are read once, before the pass.
 
 A layer called several times in one pass (`TimeDistributed`, a cell of an `RNN`, a shared layer) is measured over
 all its calls, as the paper's statistic is over the whole output. Its first call cannot tell, so the pass notes the
@@ -26,10 +28,20 @@ from keras import ops
 
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.interception import intercepted_calls, is_traced
+from keras_lsuv.processes import measurements_are_global
 from keras_lsuv.report import LayerRecord
-from keras_lsuv.rescale import Criterion, ScaleLimit, find_scale, float32_copy, write_kernel
-from keras_lsuv.statistics import Moments, moments, variance
-from keras_lsuv.targets import Target, without_activation
+from keras_lsuv.rescale import (
+    Criterion,
+    ScaleLimit,
+    find_scale,
+    float32_copy,
+    unit_scale,
+    unit_scale_record,
+    variable_dtype,
+    write_kernel,
+)
+from keras_lsuv.statistics import Moments, fetch, moments, variance, variance_on_device
+from keras_lsuv.targets import Target, read_biases, without_activation
 
 TRACED_REASON = "called inside JAX control flow or a traced function (scan, vmap, map): it cannot be measured eagerly"
 
@@ -86,6 +98,10 @@ class _SinglePass:
         self.reached: dict[int, Target] = {}
         self.multi_call: set[int] = set()
         self.traced: set[int] = set()
+        # Layers rescaled on the device whose variance and scale are not read back yet: (layer key, variance, scale).
+        self.unread: list[tuple[int, Any, Any]] = []
+        self.tentative: dict[int, tuple[Target, LayerRecord | None]] = {}  # this pass's, in processing order
+        read_biases([t for t in targets if not t.skip_reason])
 
     def run(self) -> list[LayerRecord]:
         while (halted := self._inline_pass()) is not None:
@@ -114,7 +130,7 @@ class _SinglePass:
     def _inline_pass(self) -> Target | None:
         """One pass rescaling each target on its first call; returns the target it halted at, if it did."""
         calls: collections.Counter[int] = collections.Counter()
-        tentative: dict[int, tuple[Target, LayerRecord]] = {}  # in processing order
+        tentative = self.tentative = {}  # the record is None until `_read_back`
         halt: list[tuple[int, Target]] = []  # (index in `tentative` from which nothing holds, cause)
 
         def stop_at(target: Target) -> None:
@@ -154,7 +170,7 @@ class _SinglePass:
         by_layer = {id(t.layer): t for t in self.targets}
         traced_before = set(self.traced)
         self._forward([t.layer for t in self.targets], make_call)
-        items = list(tentative.values())
+        items = self._read_back()
         index, cause = halt[0] if halt else (len(items), None)
         for target, record in items[:index]:
             self._finish(target, record)
@@ -163,6 +179,21 @@ class _SinglePass:
         for key in self.traced - traced_before:
             by_layer[key].restore_kernels()  # not measured: it keeps its kernel, and the layers after see that one
         return cause
+
+    def _read_back(self) -> list[tuple[Target, LayerRecord]]:
+        """Completes the records of the layers rescaled on the device, in one transfer; returns this pass's records.
+
+        Raises:
+            ValueError: For the first layer, in processing order, whose output was not finite.
+        """
+        if self.unread:
+            values = fetch([value for _, variance, scale in self.unread for value in (variance, scale)])
+            for (key, _, _), (variance, scale) in zip(self.unread, values.reshape(-1, 2), strict=True):
+                target = self.tentative[key][0]
+                record = unit_scale_record(target, float(variance), float(scale), self.criterion)
+                self.tentative[key] = (target, record)
+            self.unread.clear()
+        return [(target, record) for target, record in self.tentative.values() if record is not None]
 
     def _finish(self, target: Target, record: LayerRecord) -> None:
         self.final[id(target.layer)] = record
@@ -176,12 +207,39 @@ class _SinglePass:
         except _Abort as abort:
             raise abort.error from None
 
+    def _scales_on_device(self, target: Target) -> bool:
+        """Whether `unit_scale` may rescale the layer: pre-activation `s·z` without bias, float32, nothing to merge."""
+        return (
+            self.measure == "preactivation"
+            and target.is_linear_in_kernel
+            and not target.adds_bias()
+            and variable_dtype(target.scaled_kernel) == "float32"
+            and keras.backend.standardize_dtype(target.layer.compute_dtype) == "float32"
+            and measurements_are_global()
+        )
+
+    def _rescale_on_device(self, target: Target, preactivation: Any, activation: Callable[[Any], Any]) -> Any:
+        """Rescales the kernel by `unit_scale`, found on the device; returns the layer's output at that scale.
+
+        `var(s·z) = s²·var(z)`, so neither the layer nor the host is needed again: the pass goes on at once, and the
+        record is completed when the pass reads every such layer's variance and scale back together.
+        """
+        measured = variance_on_device(preactivation)
+        scale = unit_scale(measured, self.criterion)
+        write_kernel(target.scaled_kernel, self._original(target), scale)
+        self.unread.append((id(target.layer), measured, scale))
+        return activation(ops.multiply(preactivation, scale))
+
     def _rescale_on_call(
         self, target: Target, original_call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[LayerRecord, Any]:
+    ) -> tuple[LayerRecord | None, Any]:
         layer = target.layer
         with without_activation(layer) as activation:
             preactivation = original_call(*args, **kwargs)
+        if self._scales_on_device(target):
+            return None, self._rescale_on_device(target, preactivation, activation)
+        with _as_lsuv_error():
+            self._read_back()  # this layer reads its statistics back anyway: the earlier layers' come with them
         if not target.is_linear_in_kernel or not _computes_in_full_precision(layer):
             return self._rescale_by_reevaluation(target, original_call, args, kwargs, activation, preactivation)
 
@@ -197,7 +255,7 @@ class _SinglePass:
 
         floor = None  # the least variance of the pre-activation over all scales: the bias may keep it above target
         if self.measure == "preactivation":
-            variance_at = _preactivation_variance(z, bias)
+            variance_at = _preactivation_variance(z, bias, target.host_bias)
             floor = None if bias is None else _lowest_variance(variance_at)
         else:
 
@@ -274,12 +332,14 @@ class _SinglePass:
         return record
 
 
-def _preactivation_variance(z: Any, bias: Any) -> Callable[[float], float]:
-    """`scale -> var(s·(z - B) + B)` from one reduction of `z` to per-bias-group moments, then host arithmetic."""
-    if bias is None:
+def _preactivation_variance(z: Any, bias: Any, offsets: np.ndarray | None) -> Callable[[float], float]:
+    """`scale -> var(s·(z - B) + B)` from one reduction of `z` to per-bias-group moments, then host arithmetic.
+
+    `bias` is B as added to `z` (`Target.bias_term`), `offsets` its values on the host (`Target.host_bias`).
+    """
+    if bias is None or offsets is None:
         return moments(z).variance
     stats = moments(z, tuple(bias.shape))
-    offsets = np.asarray(ops.convert_to_numpy(bias), dtype="float64").reshape(-1)
     return lambda scale: stats.variance(scale, offsets)
 
 

@@ -1,4 +1,5 @@
-"""The paper's rescaling loop for one layer, shared by every engine, and the safe write of a rescaled kernel."""
+"""The paper's rescaling loop for one layer (and its closed form on the device), shared by the engines, and the safe
+write of a rescaled kernel."""
 
 from __future__ import annotations
 
@@ -211,7 +212,7 @@ def float32_copy(kernel: keras.Variable) -> Any:
         return ops.cast(ops.copy(kernel.value), "float32")
 
 
-def write_kernel(kernel: keras.Variable, original: Any, scale: float) -> None:
+def write_kernel(kernel: keras.Variable, original: Any, scale: float | Any) -> None:
     """Sets `kernel` to `original * scale`, computed in float32 and written to the variable itself.
 
     `original` is the unscaled kernel in float32 (from `float32_copy`), so rescales neither accumulate error nor
@@ -221,7 +222,7 @@ def write_kernel(kernel: keras.Variable, original: Any, scale: float) -> None:
     Args:
         kernel: The kernel variable.
         original: Its unscaled values, float32.
-        scale: The factor.
+        scale: The factor: a float, or a float32 scalar tensor (from `unit_scale`).
     """
     value = ops.cast(ops.multiply(original, scale), variable_dtype(kernel))
     with _no_autocast():

@@ -12,7 +12,7 @@ divides two times measured in that same process. Sections:
    models with at most `SUBMODEL_MAX_TARGETS` target layers.
 2. Real models (`real_models.py`): a GPT-2 block stack and ResNet50: forward, full LSUV, rescale only, step 1 alone,
    and how many times one rescale-only `lsuv_init` reads values back to the host (each read makes an accelerator
-   wait for the host; on this CPU a read is cheap, so the count is the figure, not its time).
+   wait for the host; on a CPU, where a read costs nothing, the engine reads once per layer).
 3. The PyTorch peer, the `lsuv` package by the paper's first author, on the same Conv2d/ReLU stack and on a torch
    ResNet50 (torch process only). Install it with `.venv/bin/pip install -c requirements/constraints.txt lsuv`;
    without it the section is skipped with a message.
@@ -607,7 +607,9 @@ ResNet50 batch 64: about 4 more minutes on 2 cores). Forward is a warm eager pas
 LSUV" is `lsuv_init` with its defaults (after a first call, reported as "1st"); "step 1 alone" is
 `redraw_orthonormal` over every target (the orthonormal draw of all kernels, batched by shape), "1st" its first
 call (JAX compiles the draw once per matrix shape). These models are large for 2 cores, so each time is one call
-after a first one, not a median.
+after a first one, not a median. "host reads" counts the values one rescale-only `lsuv_init` reads back to the
+host: on a GPU each makes the device wait; on a CPU, where a read costs nothing, the engine reads once per layer
+(on a GPU, where the model is fresh, twice per pass).
 
 {real_section(rows["real"])}
 

@@ -126,7 +126,8 @@ def unit_scale(variance: Any, criterion: Criterion) -> Any:
     `var(s·z) = s²·var(z)`, so `find_scale` would stop after at most one rescale, by `sqrt(target / var)`, and
     make none where `var` is within tolerance already, too small to rescale safely, not finite, or where
     `max_iterations` is 0. This makes the same choice from `variance` (a float32 scalar from
-    `statistics.variance_on_device`) without reading it back, so the pass goes on without waiting for the host.
+    `statistics.variance_on_device`) without reading it back, so the pass goes on without waiting for the host:
+    for accelerators, where a read-back makes the device wait.
     The kernel's dtypes cannot limit the scale: it is for float32 kernels computed in float32 only, where a scale is
     at most `MIN_RELATIVE_VARIANCE ** -0.5`.
 

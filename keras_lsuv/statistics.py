@@ -16,6 +16,7 @@ import dataclasses
 import math
 from typing import Any
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -110,7 +111,9 @@ def _merge_processes(local: Moments) -> Moments:
 
 
 def variance(z: Any) -> float:
-    """One scalar variance over the whole tensor `z`, as the paper measures it."""
+    """One scalar variance over the whole tensor `z`, as the paper measures it (over every process's `z`)."""
+    if processes.measurements_are_global():
+        return float(fetch([variance_on_device(z)])[0])  # one reduction: no moments to merge
     return moments(z).variance()
 
 
@@ -122,6 +125,23 @@ def variance_on_device(z: Any) -> Any:
     measurement must go through the host to be merged.
     """
     return ops.var(ops.cast(z, "float32"))
+
+
+def on_accelerator(z: Any) -> bool:
+    """True when the tensor `z` lives on an accelerator (GPU, TPU), where reading a value back waits for the device.
+
+    On a CPU a read-back costs nothing, and computing on the device what the host could decide after it costs
+    work (see `rescale.unit_scale`).
+    """
+    # Each framework names a tensor's device its own way; Keras has no portable accessor.
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return any(device.platform != "cpu" for device in z.devices())
+    if backend == "torch":
+        return bool(z.device.type != "cpu")
+    if backend == "tensorflow":
+        return ":CPU:" not in z.device.upper()
+    return False
 
 
 def fetch(values: list[Any]) -> np.ndarray:

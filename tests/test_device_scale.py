@@ -1,5 +1,9 @@
-"""Layers rescaled on the device (float32, no bias, pre-activation): the same result as the paper's loop on the host,
-read back once per pass, and errors raised for the first failing layer in processing order."""
+"""Layers rescaled on the device (on an accelerator; float32, no bias, pre-activation): the same result as the
+paper's loop on the host, read back once per pass, and errors raised for the first failing layer in processing order.
+
+This machine may have no accelerator: `on_accelerator` is patched to say it has one, so the device path runs here on
+the CPU, the same operations that run on a GPU.
+"""
 
 import math
 
@@ -12,6 +16,7 @@ from keras import layers, ops
 import keras_lsuv
 from keras_lsuv.engines import single_pass
 from keras_lsuv.rescale import Criterion, find_scale, unit_scale, unit_scale_record
+from keras_lsuv.statistics import on_accelerator
 from keras_lsuv.targets import Target, find_targets
 
 VARIANCES = [0.0, 1e-15, 1e-9, 0.5, 0.9, 0.95, 1.05, 1.2, 7.0, 1e8]
@@ -47,21 +52,44 @@ def test_non_finite_variance_is_not_rescaled_and_its_record_raises(variance):
         unit_scale_record(Target(layers.Dense(2, name="dense")), variance, 1.0, Criterion())
 
 
-def host_loop_only(monkeypatch):
-    monkeypatch.setattr(single_pass._SinglePass, "_scales_on_device", lambda self, target: False)
+def test_on_accelerator_says_where_the_backend_computes():
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        expected = jax.default_backend() != "cpu"
+    elif backend == "torch":
+        import torch
+
+        expected = torch.cuda.is_available()
+    else:
+        import tensorflow as tf
+
+        expected = bool(tf.config.list_logical_devices("GPU"))
+    assert on_accelerator(ops.ones((2, 3))) is expected
 
 
-@pytest.mark.parametrize("factory", [zoo.deep_mlp, zoo.residual_cnn, zoo.transformer_block])
+def accelerator(monkeypatch, present=True):
+    monkeypatch.setattr(single_pass, "on_accelerator", lambda z: present)
+
+
+@pytest.fixture
+def device_path(monkeypatch):
+    accelerator(monkeypatch)
+
+
+@pytest.mark.parametrize("factory", [zoo.deep_mlp, zoo.residual_cnn, zoo.transformer_block, zoo.Subclassed])
 def test_device_and_host_loop_give_the_same_kernels_and_records(factory, monkeypatch):
     model = factory()
     x = zoo.batch_for(model)
     model(x[:2])
     start = zoo.weights_of(model)
+    accelerator(monkeypatch, True)
     on_device = run(model, x)
     after_device = zoo.weights_of(model)
     for weight, value in zip(model.weights, start, strict=True):
         weight.assign(value)
-    host_loop_only(monkeypatch)
+    accelerator(monkeypatch, False)
     on_host = run(model, x)
     for a, b in zip(after_device, zoo.weights_of(model), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -84,7 +112,7 @@ def count_reads(monkeypatch):
     return reads
 
 
-def test_a_fresh_model_is_rescaled_with_one_read_back_per_pass(monkeypatch):
+def test_a_fresh_model_is_rescaled_with_one_read_back_per_pass(device_path, monkeypatch):
     model = keras.Sequential(
         [keras.Input((8, 8, 3))]
         + [layers.Conv2D(8, 3, padding="same", activation="relu") for _ in range(6)]
@@ -105,7 +133,7 @@ def test_a_fresh_model_is_rescaled_with_one_read_back_per_pass(monkeypatch):
     zoo.assert_report_is_true(model, x, report, before)
 
 
-def test_layers_with_a_bias_read_the_device_layers_before_them_back(monkeypatch):
+def test_layers_with_a_bias_read_the_device_layers_before_them_back(device_path, monkeypatch):
     model = zoo.deep_mlp(depth=4)
     model.layers[2].bias.assign(np.full((32,), 0.5, "float32"))  # this one goes through the host loop
     x = zoo.batch_for(model)
@@ -136,7 +164,7 @@ class OwnCall(layers.Dense):
 
 
 @pytest.mark.parametrize("after_kind", ["device", "bias", "own_call"])
-def test_the_first_non_finite_layer_is_named_and_every_weight_restored(after_kind):
+def test_the_first_non_finite_layer_is_named_and_every_weight_restored(after_kind, device_path):
     inputs = keras.Input((16,))
     h = layers.Dense(16, activation="relu", name="fine")(inputs)
     poison = Poison()

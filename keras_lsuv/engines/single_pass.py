@@ -3,9 +3,10 @@
 Every target layer's `call` is intercepted for the duration of one `model(batch)` call. When the pass reaches a
 target, the layer is evaluated once without its activation, its kernel is rescaled to unit output variance, and the
 pass continues with the rescaled layer's output, so each layer is evaluated about once whatever the depth (thinc's
-approach, not the O(L^2) prefix re-runs of the sub-model method). Where a layer's scale follows from one variance
-(float32, no bias: `rescale.unit_scale`), it is found on the device and read back with the others when the pass
-ends, so that an accelerator does not wait for the host at every layer; the biases are read once, before the pass.
+approach, not the O(L^2) prefix re-runs of the sub-model method). On an accelerator, where a layer's scale follows
+from one variance (float32, no bias: `rescale.unit_scale`), it is found on the device and read back with the others
+when the pass ends, so that the accelerator does not wait for the host at every layer. The biases are read once,
+before the pass.
 
 A layer called several times in one pass (`TimeDistributed`, a cell of an `RNN`, a shared layer) is measured over
 all its calls, as the paper's statistic is over the whole output. Its first call cannot tell, so the pass notes the
@@ -40,7 +41,7 @@ from keras_lsuv.rescale import (
     variable_dtype,
     write_kernel,
 )
-from keras_lsuv.statistics import Moments, fetch, moments, variance, variance_on_device
+from keras_lsuv.statistics import Moments, fetch, moments, on_accelerator, variance, variance_on_device
 from keras_lsuv.targets import Target, read_biases, without_activation
 
 TRACED_REASON = "called inside JAX control flow or a traced function (scan, vmap, map): it cannot be measured eagerly"
@@ -207,10 +208,16 @@ class _SinglePass:
         except _Abort as abort:
             raise abort.error from None
 
-    def _scales_on_device(self, target: Target) -> bool:
-        """Whether `unit_scale` may rescale the layer: pre-activation `s·z` without bias, float32, nothing to merge."""
+    def _scales_on_device(self, target: Target, preactivation: Any) -> bool:
+        """Whether `unit_scale` rescales the layer: on an accelerator, pre-activation `s·z` without bias, float32, and
+        nothing to merge.
+
+        On a CPU the host loop is cheaper: reading the variance back costs nothing there, while the device's scale
+        has to be applied to the whole output and the kernel even where it is 1.
+        """
         return (
             self.measure == "preactivation"
+            and on_accelerator(preactivation)
             and target.is_linear_in_kernel
             and not target.adds_bias()
             and variable_dtype(target.scaled_kernel) == "float32"
@@ -236,7 +243,7 @@ class _SinglePass:
         layer = target.layer
         with without_activation(layer) as activation:
             preactivation = original_call(*args, **kwargs)
-        if self._scales_on_device(target):
+        if self._scales_on_device(target, preactivation):
             return None, self._rescale_on_device(target, preactivation, activation)
         with _as_lsuv_error():
             self._read_back()  # this layer reads its statistics back anyway: the earlier layers' come with them
@@ -338,7 +345,8 @@ def _preactivation_variance(z: Any, bias: Any, offsets: np.ndarray | None) -> Ca
     `bias` is B as added to `z` (`Target.bias_term`), `offsets` its values on the host (`Target.host_bias`).
     """
     if bias is None or offsets is None:
-        return moments(z).variance
+        measured = variance(z)
+        return lambda scale: scale * scale * measured
     stats = moments(z, tuple(bias.shape))
     return lambda scale: stats.variance(scale, offsets)
 

@@ -99,8 +99,8 @@ class _SinglePass:
         self.reached: dict[int, Target] = {}
         self.multi_call: set[int] = set()
         self.traced: set[int] = set()
-        # Layers rescaled on the device whose variance and scale are not read back yet: (layer key, variance, scale).
-        self.unread: list[tuple[int, Any, Any]] = []
+        # Layers rescaled on the device whose variance and scale are not read back yet: (target, variance, scale).
+        self.unread: list[tuple[Target, Any, Any]] = []
         self.tentative: dict[int, tuple[Target, LayerRecord | None]] = {}  # this pass's, in processing order
         read_biases([t for t in targets if not t.skip_reason])
 
@@ -171,7 +171,8 @@ class _SinglePass:
         by_layer = {id(t.layer): t for t in self.targets}
         traced_before = set(self.traced)
         self._forward([t.layer for t in self.targets], make_call)
-        items = self._read_back()
+        self._read_back()  # after it, every record of the pass is complete
+        items = [(target, record) for target, record in tentative.values() if record is not None]
         index, cause = halt[0] if halt else (len(items), None)
         for target, record in items[:index]:
             self._finish(target, record)
@@ -181,20 +182,18 @@ class _SinglePass:
             by_layer[key].restore_kernels()  # not measured: it keeps its kernel, and the layers after see that one
         return cause
 
-    def _read_back(self) -> list[tuple[Target, LayerRecord]]:
-        """Completes the records of the layers rescaled on the device, in one transfer; returns this pass's records.
+    def _read_back(self) -> None:
+        """Completes the records of this pass's layers rescaled on the device, in one transfer.
 
         Raises:
             ValueError: For the first layer, in processing order, whose output was not finite.
         """
         if self.unread:
             values = fetch([value for _, variance, scale in self.unread for value in (variance, scale)])
-            for (key, _, _), (variance, scale) in zip(self.unread, values.reshape(-1, 2), strict=True):
-                target = self.tentative[key][0]
+            for (target, _, _), (variance, scale) in zip(self.unread, values.reshape(-1, 2), strict=True):
                 record = unit_scale_record(target, float(variance), float(scale), self.criterion)
-                self.tentative[key] = (target, record)
+                self.tentative[id(target.layer)] = (target, record)
             self.unread.clear()
-        return [(target, record) for target, record in self.tentative.values() if record is not None]
 
     def _finish(self, target: Target, record: LayerRecord) -> None:
         self.final[id(target.layer)] = record
@@ -234,7 +233,7 @@ class _SinglePass:
         measured = variance_on_device(preactivation)
         scale = unit_scale(measured, self.criterion)
         write_kernel(target.scaled_kernel, self._original(target), scale)
-        self.unread.append((id(target.layer), measured, scale))
+        self.unread.append((target, measured, scale))
         return activation(ops.multiply(preactivation, scale))
 
     def _rescale_on_call(

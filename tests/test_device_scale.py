@@ -83,9 +83,10 @@ def test_device_and_host_loop_give_the_same_kernels_and_records(factory, monkeyp
     model = factory()
     x = zoo.batch_for(model)
     model(x[:2])
-    start = zoo.weights_of(model)
+    start, before = zoo.weights_of(model), zoo.kernels_by_layer(model)
     accelerator(monkeypatch, True)
     on_device = run(model, x)
+    zoo.assert_report_is_true(model, x, on_device, before)  # measured on the model, every call of each layer
     after_device = zoo.weights_of(model)
     for weight, value in zip(model.weights, start, strict=True):
         weight.assign(value)

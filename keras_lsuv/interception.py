@@ -58,7 +58,8 @@ def _restore(installed: list[tuple[dict[str, Any], Any]]) -> None:
 
 
 def is_traced(args: Any) -> bool:
-    """True when a call's arguments are symbolic: inside JAX control flow (`scan`, `vmap`, `map`) or a TF graph.
+    """True when a call's arguments are symbolic or batched by a transform: inside JAX control flow (`scan`, `vmap`,
+    `map`), a TF graph, or torch's `vmap` (what `keras.ops.vectorized_map` runs on torch).
 
     Such values cannot be measured on the host. Keras offers no portable test, so each backend is asked directly.
     """
@@ -71,4 +72,11 @@ def is_traced(args: Any) -> bool:
         import tensorflow as tf
 
         return not tf.executing_eagerly()
+    if backend == "torch":
+        import torch
+
+        # A tensor inside `torch.vmap` (or `torch.func.grad`) is a functorch wrapper without storage of its own:
+        # reading it on the host fails. torch names no public test for it.
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        return any(isinstance(value, torch.Tensor) and wrapped(value) for value in tree.flatten(args))
     return False

@@ -50,8 +50,9 @@ def lsuv_init(
     `EinsumDense`, `ConvND`, `ConvNDTranspose`, `DepthwiseConvND` and
     `SeparableConvND`, wherever they sit in the model. A layer called several
     times per forward pass is measured over all its calls. A target the pass
-    does not measure (never reached, or only called inside JAX control flow)
-    keeps its kernel as it was, and a warning lists it.
+    does not measure (never reached, never built, or only called inside JAX
+    control flow or torch's `vmap`) keeps its kernel as it was, and a warning
+    lists it.
 
     If anything fails (bad data, non-finite outputs, an interrupt), every weight
     the run touched is restored before the exception propagates.
@@ -158,8 +159,9 @@ def lsuv_init(
     try:
         if orthonormal:
             redraw_orthonormal(active, shared_seed(integer_seed(seed)))
-        report.records = ENGINES[engine](model, batch, targets, measure, criterion, lambda _: progress.add(1))
-        unmeasured = _restore_unmeasured(active, report.records)
+        records = ENGINES[engine](model, batch, targets, measure, criterion, lambda _: progress.add(1))
+        unmeasured = _restore_unmeasured(active, records) + [records[t] for t in targets if not t.layer.built]
+        report.records = list(records.values())
     except BaseException:
         for target in active:
             target.restore_kernels()
@@ -197,13 +199,12 @@ def lsuv_init(
     return report
 
 
-def _restore_unmeasured(active: list[Target], records: list[LayerRecord]) -> list[LayerRecord]:
+def _restore_unmeasured(active: list[Target], records: dict[Target, LayerRecord]) -> list[LayerRecord]:
     """Puts back the kernels of the active targets the engine did not measure (step 1 redrew them)."""
-    by_name = {r.name: r for r in records}
-    unmeasured = [t for t in active if by_name[t.layer.name].skipped]
+    unmeasured = [t for t in active if records[t].skipped]
     for target in unmeasured:
         target.restore_kernels()
-    return [by_name[t.layer.name] for t in unmeasured]
+    return [records[t] for t in unmeasured]
 
 
 def _layer_states(model: keras.Model) -> list[keras.Variable]:

@@ -7,6 +7,7 @@ import html
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import keras
     from matplotlib.axes import Axes
 
 TABLE_HEADER = ("layer", "class", "initial var", "final var", "iters", "scale", "status")
@@ -26,6 +27,10 @@ class LayerRecord:
         converged: Whether `|final_variance - target_variance| < tolerance`.
         scale: The factor the kernel was multiplied by (1.0 if untouched).
         reason: Why the layer was skipped or did not converge, else `None`.
+        layer: The layer itself, which identifies it where names do not (Keras
+            allows equal names in nested and subclassed models). Not part of
+            `to_dict()`, nor of equality; `None` in a report rebuilt by
+            `LSUVReport.from_dict`.
     """
 
     name: str
@@ -36,11 +41,16 @@ class LayerRecord:
     converged: bool = False
     scale: float = 1.0
     reason: str | None = None
+    layer: keras.layers.Layer | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def skipped(self) -> bool:
         """True when LSUV did not measure this layer at all."""
         return self.initial_variance is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record's fields as plain Python types, without the layer object."""
+        return {field.name: getattr(self, field.name) for field in _record_fields()}
 
 
 @dataclasses.dataclass
@@ -80,11 +90,29 @@ class LSUVReport:
         """True when every processed layer reached the tolerance."""
         return all(r.converged for r in self.records if not r.skipped)
 
-    def __getitem__(self, name: str) -> LayerRecord:
-        for record in self.records:
-            if record.name == name:
-                return record
-        raise KeyError(f"No LSUV record for a layer named {name!r}.")
+    def __getitem__(self, key: str | keras.layers.Layer) -> LayerRecord:
+        """The record of a layer, given the layer object or its name.
+
+        Raises:
+            KeyError: If no record is for that layer.
+            ValueError: If `key` is a name that several recorded layers share
+                (Keras allows that in nested and subclassed models): look the
+                record up by the layer object instead.
+        """
+        if not isinstance(key, str):
+            for record in self.records:
+                if record.layer is key:
+                    return record
+            raise KeyError(f"No LSUV record for the layer {getattr(key, 'name', key)!r}.")
+        found = [record for record in self.records if record.name == key]
+        if len(found) > 1:
+            raise ValueError(
+                f"{len(found)} layers of the report are named {key!r}: look the record up by the layer object, "
+                "report[layer]."
+            )
+        if not found:
+            raise KeyError(f"No LSUV record for a layer named {key!r}.")
+        return found[0]
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain Python types (dicts, lists, str, float, int, bool, None), e.g. for `json.dumps`.
@@ -96,7 +124,8 @@ class LSUVReport:
             A dict with the report's fields; `"records"` is a list of dicts,
             one per layer.
         """
-        return dataclasses.asdict(self)
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {**fields, "records": [record.to_dict() for record in self.records]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LSUVReport:
@@ -239,8 +268,14 @@ class LSUVReport:
         return ax
 
 
+def _record_fields() -> list[dataclasses.Field[Any]]:
+    """The fields of `LayerRecord` that `to_dict` holds: all but the layer object."""
+    return [field for field in dataclasses.fields(LayerRecord) if field.name != "layer"]
+
+
 def _check_keys(data: dict[str, Any], cls: type, what: str) -> None:
-    unknown = sorted(set(data) - {field.name for field in dataclasses.fields(cls)})
+    fields = _record_fields() if cls is LayerRecord else dataclasses.fields(cls)
+    unknown = sorted(set(data) - {field.name for field in fields})
     if unknown:
         raise ValueError(f"LSUVReport.from_dict: {what} has unknown keys {unknown}; expected those of to_dict().")
 

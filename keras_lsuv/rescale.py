@@ -204,6 +204,7 @@ def _record(
         converged=converged,
         scale=scale,
         reason=reason,
+        layer=target.layer,
     )
 
 

@@ -82,10 +82,10 @@ class Target:
         """
         return bool(type(self.layer).call.__module__.startswith("keras."))
 
-    def skipped_record(self) -> LayerRecord:
-        """The record of a target LSUV left alone: its skip reason, or that the forward pass never reached it."""
-        reason = self.skip_reason or "not reached by the forward pass"
-        return LayerRecord(self.layer.name, type(self.layer).__name__, reason=reason)
+    def skipped_record(self, reason: str | None = None) -> LayerRecord:
+        """The record of a target LSUV left alone: `reason`, its skip reason, or that the pass never reached it."""
+        reason = reason or self.skip_reason or "not reached by the forward pass"
+        return LayerRecord(self.layer.name, type(self.layer).__name__, reason=reason, layer=self.layer)
 
     def adds_bias(self) -> bool:
         """True when the layer has a bias that is not all zero, as `host_bias` says (read here if not read yet)."""
@@ -143,7 +143,12 @@ def _walk(layer: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
         yield from _walk(child)
 
 
+NEVER_BUILT_REASON = "never built: not used by the model's forward pass"
+
+
 def _skip_reason(layer: keras.layers.Layer) -> str | None:
+    if not layer.built:  # a layer the model holds but never calls (an auxiliary head) has no kernel to read
+        return NEVER_BUILT_REASON
     if not layer.trainable:
         return "frozen (trainable=False)"
     if getattr(layer, "lora_enabled", False):

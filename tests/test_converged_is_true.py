@@ -253,6 +253,93 @@ def test_unreached_layers_keep_their_kernels_and_are_reported():
     assert report[model.body.name].converged and report[model.head.name].converged
 
 
+def test_a_layer_the_model_never_builds_is_skipped_and_the_rest_initialized():
+    model = TwoHeads()  # `unused` and `dropout_only` are never called, so never built
+    x = zoo.batch_for(model)
+    model(x[:2])
+    before = zoo.kernels_by_layer(model)
+    with pytest.warns(UserWarning, match="not measured") as caught:
+        report = run(model, x)
+    for layer in (model.unused, model.dropout_only):
+        assert not layer.built and report[layer].skipped and "never built" in report[layer].reason
+        assert any(f"'{layer.name}' (never built" in str(w.message) for w in caught)
+    zoo.assert_report_is_true(model, x, report, before)
+    assert report[model.body].converged and report[model.head].converged
+
+
+def nested_blocks_named_alike():
+    """Two nested models each holding a Dense named "proj" (Keras allows equal names across models)."""
+    inputs = keras.Input((16,))
+    block1 = keras.Sequential([keras.Input((16,)), layers.Dense(16, name="proj")], name="block1")
+    block2 = keras.Sequential([keras.Input((16,)), layers.Dense(16, name="proj")], name="block2")
+    model = keras.Model(inputs, layers.Dense(2, name="head")(block2(block1(inputs))))
+    block2.trainable = False
+    return model, block1.layers[0], block2.layers[0]
+
+
+class NamedAlike(keras.Model):
+    """Two Dense layers named "proj"; the second is built but never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = layers.Dense(16, name="proj")
+        self.spare = layers.Dense(16, name="proj")
+        self.head = layers.Dense(2, name="head")
+
+    def call(self, x):
+        return self.head(self.proj(x))
+
+
+def subclassed_named_alike():
+    model = NamedAlike()
+    model.spare.build((None, 16))
+    return model, model.proj, model.spare
+
+
+@pytest.mark.parametrize("factory", [nested_blocks_named_alike, subclassed_named_alike])
+def test_layers_sharing_a_name_are_told_apart_by_object(factory):
+    model, measured_layer, left_alone = factory()
+    assert measured_layer.name == left_alone.name
+    x = zoo.batch_for(model) * np.float32(3.0)  # far from unit variance: the measured layer must be rescaled
+    model(x[:2])
+    before = zoo.kernels_by_layer(model)
+    report = run(model, x)
+    zoo.assert_report_is_true(model, x, report, before)  # re-measured layer by layer, matched by object
+    assert report[measured_layer].converged and report[measured_layer].iterations >= 1
+    assert report[left_alone].skipped
+    assert abs(zoo.preactivation_variances(model, x)[measured_layer] - 1.0) < 0.1
+    assert not np.array_equal(before[measured_layer][0], zoo.kernels_by_layer(model)[measured_layer][0])
+    with pytest.raises(ValueError, match="2 layers of the report are named 'proj'"):
+        report["proj"]
+
+
+class VectorizedMapped(keras.Model):
+    """`inner` is only called inside `ops.vectorized_map` (JAX's vmap, TF's pfor, torch's vmap)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = layers.Dense(16, activation="relu")
+        self.inner = layers.Dense(8, activation="relu")
+        self.head = layers.Dense(3)
+
+    def call(self, x):
+        h = self.first(x)
+        return self.head(ops.vectorized_map(lambda row: self.inner(row[None])[0], h))
+
+
+def test_a_layer_called_under_vectorized_map_is_skipped_on_every_backend():
+    model = VectorizedMapped()
+    inner = model.inner
+    x = zoo.batch_for(model)
+    model(x[:2])
+    before = zoo.kernels_by_layer(model)
+    with pytest.warns(UserWarning, match="not measured"):
+        report = run(model, x)
+    assert report[inner].skipped and "cannot be measured eagerly" in report[inner].reason
+    zoo.assert_report_is_true(model, x, report, before)
+    assert [r.converged for r in report.records if r.layer is not inner] == [True, True]
+
+
 def test_a_users_instance_call_and_attributes_are_left_as_found():
     model = mlp()
     layer = model.layers[0]

@@ -128,9 +128,10 @@ def test_a_fresh_model_is_rescaled_with_one_read_back_per_pass(device_path, monk
     # One read of every bias (LSUV never changes them), one of every layer's variance and scale, after the pass.
     assert reads == [(8 * 6 + 16 + 4,), (2 * len(targets),)]
     monkeypatch.undo()
-    report = keras_lsuv.LSUVReport(records=records)
+    report = keras_lsuv.LSUVReport(records=list(records.values()))
+    assert list(records) == targets and all(record.layer is t.layer for t, record in records.items())
     assert report.converged
-    assert all(r.iterations <= 1 for r in records) and any(r.iterations == 1 for r in records)
+    assert all(r.iterations <= 1 for r in report.records) and any(r.iterations == 1 for r in report.records)
     zoo.assert_report_is_true(model, x, report, before)
 
 
@@ -141,11 +142,11 @@ def test_layers_with_a_bias_read_the_device_layers_before_them_back(device_path,
     model(x[:2])
     before = zoo.kernels_by_layer(model)
     reads = count_reads(monkeypatch)
-    report = single_pass.run_single_pass(model, x, find_targets(model), "preactivation", Criterion(), lambda _: None)
+    records = single_pass.run_single_pass(model, x, find_targets(model), "preactivation", Criterion(), lambda _: None)
     # Biases; then, at the biased layer, the two device layers before it and the layer's own moments; then the rest.
     assert reads == [(32 * 4 + 10,), (4,), (2, 32), (4,)]
     monkeypatch.undo()
-    zoo.assert_report_is_true(model, x, keras_lsuv.LSUVReport(records=report), before)
+    zoo.assert_report_is_true(model, x, keras_lsuv.LSUVReport(records=list(records.values())), before)
 
 
 class Poison(layers.Layer):

@@ -57,8 +57,8 @@ def run_page(path, tmp_path, monkeypatch):
 def assert_unit_preactivations(model, x):
     measured = zoo.preactivation_variances(model, x)
     assert len(measured) == 11
-    for name, variance in measured.items():
-        assert abs(variance - 1.0) < 0.1, f"{name}: pre-activation variance {variance}"
+    for layer, variance in measured.items():
+        assert abs(variance - 1.0) < 0.1, f"{layer.name}: pre-activation variance {variance}"
 
 
 @pytest.mark.parametrize("page", ["README.md", "docs/index.md"])

@@ -33,11 +33,11 @@ def test_every_target_reaches_unit_preactivation_variance(name):
     processed = [r for r in report.records if not r.skipped]
     assert processed and report.converged
     measured = zoo.preactivation_variances(model, x)
-    assert set(measured) == {r.name for r in processed}
-    for layer_name, value in measured.items():
-        assert abs(value - 1.0) < 0.1, f"{name}: {layer_name} has pre-activation variance {value}"
+    assert set(measured) == {r.layer for r in processed}
+    for layer, value in measured.items():
+        assert abs(value - 1.0) < 0.1, f"{name}: {layer.name} has pre-activation variance {value}"
         # The reported variance is the one the layer really has (GPUs convolve float32 in TF32: ~1e-3 apart).
-        assert report[layer_name].final_variance == pytest.approx(value, rel=1e-2)
+        assert report[layer].final_variance == pytest.approx(value, rel=1e-2)
 
 
 def test_shared_layer_is_processed_once_over_both_calls():
@@ -48,7 +48,7 @@ def test_shared_layer_is_processed_once_over_both_calls():
     assert names.count(model.shared.name) == 1
     assert names == [model.first.name, model.shared.name, model.conv.name, model.head.name]
     assert report[model.shared.name].converged
-    assert abs(zoo.preactivation_variances(model, x)[model.shared.name] - 1) < 0.1  # over both calls
+    assert abs(zoo.preactivation_variances(model, x)[model.shared] - 1) < 0.1  # over both calls
 
 
 def test_records_follow_execution_order():

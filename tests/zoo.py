@@ -91,21 +91,31 @@ def target_layers(model):
 
 
 def _is_tracer(value):
-    if keras.backend.backend() != "jax":
-        return False
-    import jax
+    """A JAX tracer, a TF graph tensor, or a tensor inside torch's vmap: none can be evaluated again after the pass."""
+    if keras.backend.backend() == "jax":
+        import jax
 
-    return isinstance(value, jax.core.Tracer)
+        return isinstance(value, jax.core.Tracer)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.is_tensor(value) and tf.is_symbolic_tensor(value)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return isinstance(value, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(value)
+    return False
 
 
 def preactivation_variances(model, x):
-    """Each target layer's pre-activation variance over every call of it in a plain forward pass.
+    """Each target layer's pre-activation variance over every call of it in a plain forward pass, by layer object.
 
     Independent of the engines: the pass records the inputs of every eager call of each target, then each
     recorded call is evaluated again through `layer(...)` (so with the layer's own dtype policy) with its
     activation replaced by the identity (written to the instance's `__dict__`, so that a Keras layer used as an
     activation works on torch too), and the variance is taken over all the calls' outputs together. Calls inside
-    JAX control flow (tracers) are not recorded.
+    JAX control flow (tracers), a TF graph or torch's vmap are not recorded. Layers are keys, never names (Keras
+    allows equal names).
     """
     captured = {}
     targets = target_layers(model)
@@ -141,7 +151,7 @@ def preactivation_variances(model, x):
                 state["activation"] = own
             else:
                 del state["activation"]
-        variances[layer.name] = float(np.var(np.concatenate(outputs)))
+        variances[layer] = float(np.var(np.concatenate(outputs)))
     return variances
 
 
@@ -150,30 +160,36 @@ def weights_of(model):
 
 
 def kernels_by_layer(model):
-    """Every target layer's kernels (both of a separable conv), copied to NumPy, by layer name."""
+    """Every built target layer's kernels (both of a separable conv), copied to NumPy, by layer object."""
     found = {}
     for layer in target_layers(model):
+        if not layer.built:  # never called: it has no kernel
+            continue
         kernels = (
             [layer.depthwise_kernel, layer.pointwise_kernel] if hasattr(layer, "pointwise_kernel") else [layer.kernel]
         )
-        found[layer.name] = [np.array(keras.ops.convert_to_numpy(kernel)) for kernel in kernels]
+        found[layer] = [np.array(keras.ops.convert_to_numpy(kernel)) for kernel in kernels]
     return found
 
 
 def assert_report_is_true(model, x, report, before, tolerance=0.1):
     """The report against the model, measured independently over every call of each layer.
 
-    Every layer the report calls converged measures within `tolerance` of 1 and as reported; every layer it did
-    not measure has its kernels bit-identical to `before` (from `kernels_by_layer`); every weight is finite.
+    The report has one record per target layer, matched by the layer object (never by name); every layer the
+    report calls converged measures within `tolerance` of 1 and as reported; every layer it did not measure has its
+    kernels bit-identical to `before` (from `kernels_by_layer`); every weight is finite.
     """
     measured = preactivation_variances(model, x)
     after = kernels_by_layer(model)
+    recorded = [record.layer for record in report.records]
+    assert len({id(layer) for layer in recorded}) == len(recorded), "a layer has several records"
+    assert {id(layer) for layer in recorded} == {id(layer) for layer in target_layers(model)}, "records != targets"
     for record in report.records:
         if record.skipped:
-            for a, b in zip(before[record.name], after[record.name], strict=True):
+            for a, b in zip(before.get(record.layer, []), after.get(record.layer, []), strict=True):
                 np.testing.assert_array_equal(a, b, err_msg=f"{record.name} was not measured but changed")
         elif record.converged:
-            value = measured[record.name]
+            value = measured[record.layer]
             assert abs(value - 1.0) < tolerance, f"{record.name}: reported converged, measures {value}"
             assert abs(record.final_variance - value) <= 2e-2 * value, f"{record.name}: {record} vs {value}"
     for weight in weights_of(model):

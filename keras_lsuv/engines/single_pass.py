@@ -13,7 +13,7 @@ all its calls, as the paper's statistic is over the whole output. Its first call
 second call, undoes what it did from that layer's first call on, and rescales that layer by re-evaluation: one
 forward pass per iteration, its statistics merged over every call. Then a new pass goes on from there. A target
 called with symbolic values (inside JAX's `scan`/`vmap`/`map`, or a traced function) cannot be measured and is
-skipped with that reason.
+skipped with that reason; so is one called inside torch's `vmap` (`keras.ops.vectorized_map` on torch).
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ from keras_lsuv.rescale import (
 from keras_lsuv.statistics import Moments, fetch, moments, on_accelerator, variance, variance_on_device
 from keras_lsuv.targets import Target, read_biases, without_activation
 
-TRACED_REASON = "called inside JAX control flow or a traced function (scan, vmap, map): it cannot be measured eagerly"
+TRACED_REASON = (
+    "called inside JAX control flow, torch's vmap or a traced function (scan, vmap, map, vectorized_map): it cannot "
+    "be measured eagerly"
+)
 
 
 def run_single_pass(
@@ -54,11 +57,11 @@ def run_single_pass(
     measure: str,
     criterion: Criterion,
     on_record: Callable[[LayerRecord], None],
-) -> list[LayerRecord]:
+) -> dict[Target, LayerRecord]:
     """Rescales every target in one forward pass of `batch` (more for layers called several times per pass).
 
     Returns:
-        The records: the targets in the order the pass first reached them, then the ones it never reached.
+        Each target's record: the targets in the order the pass first reached them, then the ones it never reached.
     """
     return _SinglePass(model, batch, targets, measure, criterion, on_record).run()
 
@@ -104,20 +107,17 @@ class _SinglePass:
         self.tentative: dict[int, tuple[Target, LayerRecord | None]] = {}  # this pass's, in processing order
         read_biases([t for t in targets if not t.skip_reason])
 
-    def run(self) -> list[LayerRecord]:
+    def run(self) -> dict[Target, LayerRecord]:
         while (halted := self._inline_pass()) is not None:
             if id(halted.layer) in self.multi_call and id(halted.layer) not in self.traced:
                 self._finish(halted, self._rescale_by_passes(halted))
-        records = []
+        records = {}
         for key, target in self.reached.items():
             if key in self.final:
-                records.append(self.final[key])
-            elif key in self.traced:
-                records.append(LayerRecord(target.layer.name, type(target.layer).__name__, reason=TRACED_REASON))
+                records[target] = self.final[key]
             else:
-                records.append(target.skipped_record())
-        records += [t.skipped_record() for t in self.targets if id(t.layer) not in self.reached]
-        return records
+                records[target] = target.skipped_record(TRACED_REASON if key in self.traced else None)
+        return records | {t: t.skipped_record() for t in self.targets if id(t.layer) not in self.reached}
 
     def _pending(self, key: int) -> bool:
         return key in self.active and key not in self.final and key not in self.traced

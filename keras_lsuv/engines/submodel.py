@@ -26,11 +26,11 @@ def run_submodel(
     measure: str,
     criterion: Criterion,
     on_record: Callable[[LayerRecord], None],
-) -> list[LayerRecord]:
+) -> dict[Target, LayerRecord]:
     """Rescales every target by re-running the sub-model that ends at it; returns records in topological order."""
     _check_is_graph(model, "the model")
     by_layer = {id(t.layer): t for t in targets}
-    records: list[LayerRecord] = []
+    records: dict[Target, LayerRecord] = {}
 
     def visit(graph: keras.Model, graph_batch: Any) -> None:
         for layer in graph.layers:
@@ -46,9 +46,10 @@ def run_submodel(
                     f"{calls} times: LSUV measures over all of them. Use engine='single_pass'."
                 )
             elif id(layer) in by_layer:
-                records.append(_rescale_with_submodel(by_layer.pop(id(layer)), graph, graph_batch, measure, criterion))
-                if not records[-1].skipped:
-                    on_record(records[-1])
+                target = by_layer.pop(id(layer))
+                record = records[target] = _rescale_with_submodel(target, graph, graph_batch, measure, criterion)
+                if not record.skipped:
+                    on_record(record)
             elif inside := find_targets(layer):
                 inner = inside[0].layer
                 raise ValueError(
@@ -58,8 +59,7 @@ def run_submodel(
 
     with inference_mode():
         visit(model, batch)
-    records += [target.skipped_record() for target in by_layer.values()]
-    return records
+    return records | {target: target.skipped_record() for target in by_layer.values()}
 
 
 def _calls_in(graph: keras.Model, layer: keras.layers.Layer) -> int:

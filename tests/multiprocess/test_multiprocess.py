@@ -112,8 +112,8 @@ def assert_layers_reach_unit_variance(weights, case):
     model.set_weights(weights)
     variances = zoo.preactivation_variances(model, cases.concatenated(case["sizes"]))
     assert len(variances) == 5
-    for name, variance in variances.items():
-        assert abs(variance - 1.0) < TOLERANCE, f"{name}: {variance}"
+    for layer, variance in variances.items():
+        assert abs(variance - 1.0) < TOLERANCE, f"{layer.name}: {variance}"
 
 
 GLOBAL_CASES = [name for name, case in cases.CASES.items() if case["options"].get("seed", 0) == 0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -139,11 +140,19 @@ class LSUVReport:
             The `LSUVReport`.
 
         Raises:
-            ValueError: If `data` or one of its records has a key that is not
-                a field, or a record lacks `name` or `class_name`.
+            ValueError: If `data` is not a dict, its `records` not a list of
+                dicts, `data` or one of its records has a key that is not a
+                field, or a record lacks `name` or `class_name`.
         """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"LSUVReport.from_dict takes a dict as to_dict() returns it; got {_describe(data)}.")
         data = dict(data)
-        records = [_record_from_dict(record) for record in data.pop("records", [])]
+        entries = data.pop("records", [])
+        if not isinstance(entries, list):
+            raise ValueError(
+                f"LSUVReport.from_dict: 'records' must be a list of dicts, one per layer; got {_describe(entries)}."
+            )
+        records = [_record_from_dict(entry, index) for index, entry in enumerate(entries)]
         _check_keys(data, cls, "the report")
         return cls(records=records, **data)
 
@@ -273,14 +282,20 @@ def _record_fields() -> list[dataclasses.Field[Any]]:
     return [field for field in dataclasses.fields(LayerRecord) if field.name != "layer"]
 
 
-def _check_keys(data: dict[str, Any], cls: type, what: str) -> None:
+def _check_keys(data: Mapping[Any, Any], cls: type, what: str) -> None:
     fields = _record_fields() if cls is LayerRecord else dataclasses.fields(cls)
-    unknown = sorted(set(data) - {field.name for field in fields})
+    unknown = sorted(set(data) - {field.name for field in fields}, key=str)
     if unknown:
         raise ValueError(f"LSUVReport.from_dict: {what} has unknown keys {unknown}; expected those of to_dict().")
 
 
-def _record_from_dict(data: dict[str, Any]) -> LayerRecord:
+def _describe(value: Any) -> str:
+    return f"{repr(value)[:40]} ({type(value).__name__})"
+
+
+def _record_from_dict(data: Any, index: int) -> LayerRecord:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"LSUVReport.from_dict: records[{index}] must be a dict; got {_describe(data)}.")
     _check_keys(data, LayerRecord, "a record")
     missing = [key for key in ("name", "class_name") if key not in data]
     if missing:

@@ -168,8 +168,17 @@ def unit_scale_record(target: Target, variance: float, scale: float, criterion: 
 
 
 def _check_finite(target: Target, variance: float, scale: float) -> None:
+    layer = target.layer
+    if math.isinf(variance):
+        # A NaN or Inf output makes its variance NaN (Inf - Inf); an infinite variance comes from finite outputs
+        # whose squared deviations (or whose sum, for the mean) overflow the float32 statistics.
+        raise ValueError(
+            f"LSUV: the output variance of layer '{layer.name}' ({type(layer).__name__}) overflowed float32 (inf) "
+            f"at kernel scale {scale:.4g}, although the outputs are finite: their values are too large to measure "
+            "(beyond about 1.8e19, the square root of float32's largest value). Scale the inputs down (e.g. "
+            "standardize them) or check the layers before it."
+        )
     if not math.isfinite(variance):
-        layer = target.layer
         raise ValueError(
             f"LSUV: layer '{layer.name}' ({type(layer).__name__}) produced non-finite values "
             f"(output variance {variance}) at kernel scale {scale:.4g}. Check the batch and the layers before it."

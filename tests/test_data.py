@@ -57,6 +57,14 @@ SOURCES = {
     "torch DataLoader": lambda: torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(torch.from_numpy(X), torch.from_numpy(Y)), batch_size=16
     ),
+    # batch_size is None with a batch_sampler, and with a dataset whose items are batches already; fit takes both.
+    "torch DataLoader batch_sampler": lambda: torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.from_numpy(X), torch.from_numpy(Y)),
+        batch_sampler=torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(range(len(X))), 16, False),
+    ),
+    "torch DataLoader of batches": lambda: torch.utils.data.DataLoader(
+        [(X[i : i + 16], Y[i : i + 16]) for i in range(0, len(X), 16)], batch_size=None
+    ),
 }
 
 
@@ -72,7 +80,17 @@ def test_every_source_gives_the_same_first_samples(source):
     np.testing.assert_array_equal(batch, X[:40])
 
 
-@pytest.mark.parametrize("source", sources("tf.data (x, y)", "PyDataset (x, y)", "generator", "torch DataLoader"))
+@pytest.mark.parametrize(
+    "source",
+    sources(
+        "tf.data (x, y)",
+        "PyDataset (x, y)",
+        "generator",
+        "torch DataLoader",
+        "torch DataLoader batch_sampler",
+        "torch DataLoader of batches",
+    ),
+)
 def test_same_samples_same_lsuv_result_whatever_the_container(source):
     from_arrays, from_source = zoo.deep_mlp(depth=3), zoo.deep_mlp(depth=3)
     a = keras_lsuv.lsuv_init(from_arrays, X[:48], seed=1, verbose=0)
@@ -244,12 +262,16 @@ REJECTED = {
     "unbatched tf.data": (unbatched_dataset, "looks unbatched.*call .batch"),
     "unbatched DataLoader": (
         lambda: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(X)), batch_size=None),
-        "unbatched torch DataLoader",
+        "looks unbatched.*give a torch DataLoader a batch_size",
     ),
     "ragged for a dense model": (ragged, "tf.RaggedTensor.*cannot take.*to_tensor"),
     "dict with another name": (lambda: {"other": X}, r"missing the model input\(s\) \['features'\]"),
     "empty batches forever": (empty_batches_forever, "100 empty batches in a row"),
-    "string pandas column": (lambda: pandas_frame().astype(str), "cannot use the DataFrame"),
+    "string pandas frame": (lambda: pandas_frame().astype(str), "must be numeric; the DataFrame's columns"),
+    "one string pandas column": (
+        lambda: pandas_frame().assign(f3=["a"] * len(X)),
+        r"must be numeric; the DataFrame's columns \{'f3': '(str|object)'\} are not",
+    ),
 }
 
 
@@ -309,3 +331,140 @@ def test_empty_batches_forever_stop_within_the_bound_quickly():
         prepare_batch(named_input_mlp(), counting())
     assert len(read) == MAX_EMPTY_BATCHES
     assert time.perf_counter() - start < 5  # a bound on hanging, not a benchmark
+
+
+# Models whose inputs are nested structures, fed the same structure (as `fit` and `predict` take it).
+def nested_input_model(structure):
+    """Three inputs of 4, 5 and 7 features in the `structure` given, then one Dense per input and a head."""
+    names = ("first", "second", "b") if structure == "dict of list" else ("first", "p", "q")  # a dict's keys
+    first, second, third = (keras.Input((n,), name=name) for n, name in zip((4, 5, 7), names, strict=True))
+    declared = {"a": [first, second], "b": third} if structure == "dict of list" else [first, {"p": second, "q": third}]
+    h = keras.layers.Concatenate()([keras.layers.Dense(8, activation="relu")(t) for t in (first, second, third)])
+    return keras.Model(declared, keras.layers.Dense(3)(h))
+
+
+def nested_arrays(structure, rows=slice(None), sequence=list):
+    first, second, third = X[rows, :4], X[rows, 4:9], X[rows, 9:16]
+    if structure == "dict of list":
+        return {"a": sequence([first, second]), "b": third}
+    return sequence([first, {"p": second, "q": third}])
+
+
+NESTED_SOURCES = {
+    "arrays": lambda structure: nested_arrays(structure),
+    "generator": lambda structure: (
+        (nested_arrays(structure, slice(i, i + 16)), Y[i : i + 16]) for i in range(0, 100, 16)
+    ),
+    # tf.data makes a list of arrays one tensor: a tuple is its sequence, which the model's call flattens as a list.
+    "tf.data": lambda structure: tf_data(nested_arrays(structure, sequence=tuple), Y, batch_size=16),
+    "torch DataLoader": lambda structure: torch.utils.data.DataLoader(
+        [(nested_arrays(structure, i), Y[i]) for i in range(len(X))], batch_size=16
+    ),
+}
+
+
+@pytest.mark.parametrize("structure", ["dict of list", "list with a dict"])
+@pytest.mark.parametrize("source", sources(*NESTED_SOURCES))
+def test_nested_input_structures_reach_the_inputs_they_name(structure, source):
+    model = nested_input_model(structure)
+    before = zoo.kernels_by_layer(model)
+    report = keras_lsuv.lsuv_init(model, NESTED_SOURCES[source](structure), seed=0, verbose=0, num_samples=64)
+    assert report.converged and len(report.records) == 4
+    zoo.assert_report_is_true(model, nested_arrays(structure, slice(64)), report, before)
+
+
+def test_nested_dicts_give_the_declared_entries_by_key_and_name_what_is_missing():
+    model = nested_input_model("list with a dict")
+    extra = [X[:, :4], {"q": X[:, 9:16], "p": X[:, 4:9], "unused": X}]
+    batch = prepare_batch(model, extra, num_samples=10)
+    assert list(batch[1]) == ["p", "q"]
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(batch[1]["p"]), X[:10, 4:9])
+    before = zoo.weights_of(model)
+    with pytest.raises(ValueError, match=r"missing the model input\(s\) \['q'\] in x\[1\]; got keys \['p'\]"):
+        keras_lsuv.lsuv_init(model, [X[:, :4], {"p": X[:, 4:9]}], verbose=0)
+    with pytest.raises(ValueError, match=r"has 3 input\(s\) but the LSUV batch has 2 array\(s\); the model's inputs"):
+        keras_lsuv.lsuv_init(model, [X[:, :4], X[:, 4:9]], verbose=0)
+    for a, b in zip(before, zoo.weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def two_input_model():
+    a, b = keras.Input((16,), name="a"), keras.Input((16,), name="b")
+    h = keras.layers.Add()([keras.layers.Dense(8)(a), keras.layers.Dense(8)(b)])
+    return keras.Model([a, b], keras.layers.Dense(2)(h))
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        # Fewer samples than both are asked for: slicing first would hide the difference (fit rejects these).
+        pytest.param(lambda: [X, X[:80]], r"arrays in x have different numbers of samples: \[80, 100\]", id="list"),
+        pytest.param(lambda: {"a": X[:90], "b": X}, r"different numbers of samples: \[90, 100\]", id="dict"),
+        pytest.param(
+            lambda: iter([([X[:16], X[:12]], Y[:16])]),
+            r"a batch of the list_iterator .* samples: \[12, 16\]",
+            id="iterator",
+        ),
+    ],
+)
+def test_inputs_with_different_numbers_of_samples_are_rejected(source, message):
+    model = two_input_model()
+    before = zoo.weights_of(model)
+    with pytest.raises(ValueError, match=message):
+        keras_lsuv.lsuv_init(model, source(), verbose=0, num_samples=8)
+    for a, b in zip(before, zoo.weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="ragged model inputs are TensorFlow-only")
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_dataset_of_ragged_batches_gives_the_result_of_the_ragged_tensor(with_labels):
+    import tensorflow as tf
+
+    class MeanOverTime(keras.layers.Layer):
+        def call(self, x):
+            return tf.tile(tf.expand_dims(tf.reduce_mean(x, axis=1), -1), (1, 8))
+
+    def model():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((None,), ragged=True)
+        h = keras.layers.Dense(16, activation="relu")(MeanOverTime()(inputs))
+        return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+    ragged = tf.ragged.constant([list(row[: 1 + i % 5]) for i, row in enumerate(X)])
+    from_tensor, from_dataset = model(), model()
+    slices = (ragged, Y) if with_labels else ragged
+    dataset = tf.data.Dataset.from_tensor_slices(slices).batch(16)  # each batch a tf.RaggedTensor
+    a = keras_lsuv.lsuv_init(from_tensor, ragged[:40], seed=0, verbose=0)
+    b = keras_lsuv.lsuv_init(from_dataset, dataset, seed=0, verbose=0, num_samples=40)
+    assert a.converged and b.converged
+    for wa, wb in zip(zoo.weights_of(from_tensor), zoo.weights_of(from_dataset), strict=True):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+
+
+@requires_tf
+def test_dataset_of_ragged_batches_for_a_dense_model_says_to_pad():
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices(tf.ragged.constant([[1.0] * 16, [2.0] * 15] * 8)).batch(4)
+    model = named_input_mlp()
+    before = zoo.weights_of(model)
+    with pytest.raises(ValueError, match="tf.RaggedTensor, which the model's input 'features' cannot take"):
+        keras_lsuv.lsuv_init(model, dataset, verbose=0)
+    for a, b in zip(before, zoo.weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("engine", ["single_pass", "submodel"])
+@pytest.mark.parametrize("bias", ["zeros", "ones"])
+def test_inputs_too_large_for_float32_statistics_say_what_overflowed(engine, bias):
+    # Finite inputs (std 1e20) give finite outputs whose variance (about 1e40) overflows float32 on every backend.
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, bias_initializer=bias, name="first")])
+    model.add(keras.layers.Dense(2))
+    before = zoo.weights_of(model)
+    with pytest.raises(
+        ValueError, match=r"output variance of layer 'first' \(Dense\) overflowed float32 .* outputs are finite.*Scale"
+    ):
+        keras_lsuv.lsuv_init(model, X * np.float32(1e20), engine=engine, verbose=0)
+    for a, b in zip(before, zoo.weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -62,6 +62,20 @@ def test_dict_round_trips_through_json_and_holds_the_measured_variances(run):
     assert abs(measured["head"] - 1.0) >= 0.1  # a softmax output's variance is below 1/4
 
 
+def test_records_hold_their_layer_which_looks_them_up_and_stays_out_of_the_dict(run):
+    model, _, report = run
+    assert [record.layer for record in report.records] == model.layers  # processing order is the model's here
+    for layer in model.layers:
+        assert report[layer] is report[layer.name] and report[layer].layer is layer
+    assert all("layer" not in record for record in report.to_dict()["records"])
+    rebuilt = LSUVReport.from_dict(report.to_dict())
+    assert rebuilt == report and all(record.layer is None for record in rebuilt.records)
+    with pytest.raises(KeyError, match="'outsider'"):
+        report[keras.layers.Dense(2, name="outsider")]
+    with pytest.raises(ValueError, match=r"unknown keys \['layer'\]"):
+        LSUVReport.from_dict({"records": [{"name": "d", "class_name": "Dense", "layer": None}]})
+
+
 def test_from_dict_follows_the_dataclass_fields():
     record = LayerRecord("dense", "Dense", 0.5, 1.0, 1, True, 1.41, None)
     report = LSUVReport([record], engine="submodel", tolerance=0.05)
@@ -90,6 +104,15 @@ def test_from_dict_follows_the_dataclass_fields():
         ({"records": [], "typo": 1}, r"the report has unknown keys \['typo'\]"),
         ({"records": [{"name": "d", "class_name": "Dense", "varience": 1.0}]}, r"unknown keys \['varience'\]"),
         ({"records": [{"name": "d"}]}, r"lacks the keys \['class_name'\]"),
+        ({"records": None}, r"'records' must be a list of dicts, one per layer; got None \(NoneType\)"),
+        ({"records": "dense"}, r"'records' must be a list of dicts.*\(str\)"),
+        ({"records": {"name": "d", "class_name": "Dense"}}, r"'records' must be a list of dicts.*\(dict\)"),
+        ({"records": [{"name": "d", "class_name": "Dense"}, None]}, r"records\[1\] must be a dict; got None"),
+        ({"records": [["d", "Dense"]]}, r"records\[0\] must be a dict; got \['d', 'Dense'\] \(list\)"),
+        ({"records": [], 1: 0, "typo": 0}, r"the report has unknown keys \[1, 'typo'\]"),
+        ([{"name": "d", "class_name": "Dense"}], r"takes a dict as to_dict\(\) returns it; got \[.*\(list\)"),
+        ("report", r"takes a dict as to_dict\(\) returns it; got 'report' \(str\)"),
+        (None, r"takes a dict.*got None \(NoneType\)"),
     ],
 )
 def test_from_dict_rejects_what_is_not_a_report(data, message):

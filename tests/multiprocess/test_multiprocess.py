@@ -162,7 +162,7 @@ def test_without_a_seed_one_process_draws_it_for_all(runs):
         ("nan", r"^LSUV batch of process 1 \(of 2\): The LSUV batch contains NaN or Inf"),
         ("empty", r"^LSUV batch of process 1 \(of 2\): The LSUV batch is empty"),
         ("wrong_shape", r"^LSUV batch of process 1 \(of 2\): The LSUV batch does not match the model's input"),
-        ("overflow", r"LSUV: layer 'hidden_0' \(Dense\) produced non-finite values"),  # in the run (Keras wraps it)
+        ("overflow", r"LSUV: the output variance of layer 'hidden_0' \(Dense\) overflowed float32"),  # in the run
     ],
 )
 def test_a_bad_shard_in_one_process_fails_in_every_process(runs, failure, message):

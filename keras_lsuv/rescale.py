@@ -4,9 +4,10 @@ write of a rescaled kernel."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import keras
 import numpy as np
@@ -68,6 +69,72 @@ class ScaleLimit:
         return min(limits, key=lambda limit: limit.scale)
 
 
+class Stop(enum.IntEnum):
+    """Why the paper's loop stops at a layer (`next_scale`), or `RESCALE` when it rescales once more."""
+
+    RESCALE = 0
+    DONE = 1  # within tolerance, or `max_iterations` rescales made
+    BIAS_FLOOR = 2  # the bias alone keeps the variance above the target
+    TOO_SMALL = 3  # the output carries no usable signal
+    BEYOND_DTYPE = 4  # the next scale would not fit the layer's dtypes
+    NOT_FINITE = 5  # the output is not finite, or its variance overflowed
+
+
+def next_scale(
+    variance: Any,
+    scale: Any,
+    iterations: int,
+    criterion: Criterion,
+    limit: float = math.inf,
+    floor: float = -math.inf,
+    xp: Any = np,
+) -> tuple[Any, Any]:
+    """The paper's stopping rule, once: given the variance measured at kernel scale `scale`, stop or rescale.
+
+    A pure function of numbers, the same on the host and on the device: `xp` is `numpy` for host floats (the
+    loop of `find_scale`) or `keras.ops` for a device scalar (`unit_scale`, where nothing may be read back), and
+    only `where` selects, never a branch.
+
+    Example:
+
+    >>> stop, proposed = next_scale(4.0, 1.0, 0, Criterion())
+    >>> Stop(int(stop)), float(proposed)
+    (<Stop.RESCALE: 0>, 0.5)
+
+    Args:
+        variance: The output variance measured at `scale`.
+        scale: The kernel's total scale so far.
+        iterations: The rescales made so far.
+        criterion: Target variance, tolerance and iteration limit.
+        limit: The largest total scale the layer's dtypes hold (`ScaleLimit.scale`).
+        floor: The least variance any kernel scale gives (the bias alone), where known.
+        xp: `numpy` or `keras.ops`.
+
+    Returns:
+        `(stop, proposed)`: a `Stop` code, and `scale·sqrt(target / variance)`, the scale to measure next when the
+        code is `Stop.RESCALE`.
+    """
+    goal, tolerance = criterion.target_variance, criterion.tolerance
+    proposed = xp.multiply(scale, xp.sqrt(xp.divide(goal, xp.maximum(variance, MIN_RELATIVE_VARIANCE * goal))))
+    # The first rule that holds stops the loop, in this order; a NaN fails every comparison but the first.
+    rules = [
+        (xp.logical_not(xp.isfinite(variance)), Stop.NOT_FINITE),
+        (
+            xp.logical_or(
+                xp.less(xp.abs(xp.subtract(variance, goal)), tolerance), iterations >= criterion.max_iterations
+            ),
+            Stop.DONE,
+        ),
+        (xp.logical_and(floor >= goal + tolerance, xp.greater(variance, goal)), Stop.BIAS_FLOOR),
+        (xp.less_equal(variance, MIN_RELATIVE_VARIANCE * goal), Stop.TOO_SMALL),
+        (xp.greater(proposed, limit), Stop.BEYOND_DTYPE),
+    ]
+    stop: Any = int(Stop.RESCALE)
+    for holds, code in reversed(rules):
+        stop = xp.where(holds, int(code), stop)
+    return stop, proposed
+
+
 def find_scale(
     target: Target,
     variance_at: Callable[[float], float],
@@ -77,6 +144,8 @@ def find_scale(
 ) -> LayerRecord:
     """Runs LSUV's loop: while `|var - target| >= tol` and fewer than `T_max` rescales, `scale *= sqrt(target / var)`.
 
+    Each step is `next_scale`'s decision, on host floats.
+
     Args:
         target: The layer being processed (for the record and messages).
         variance_at: Returns the measured output variance when the kernel is
@@ -84,9 +153,10 @@ def find_scale(
         criterion: Target variance, tolerance and iteration limit.
         limit: The largest scale the layer's dtypes can hold; a layer that
             would need more stops there, not converged.
-        floor: The variance at kernel scale 0 (the bias alone), when known:
-            if it is above the target, no scale can reach the target and
-            the kernel is left as it is instead of being shrunk towards 0.
+        floor: The least variance any kernel scale gives (the bias alone),
+            when known: if it is above the target, no scale can reach the
+            target and the kernel is left as it is instead of being shrunk
+            towards 0.
 
     Returns:
         The layer's record; `record.scale` is the factor to apply to the kernel.
@@ -94,80 +164,93 @@ def find_scale(
     Raises:
         ValueError: If the layer's output is not finite.
     """
-    goal = criterion.target_variance
-    scale, iterations, reason = 1.0, 0, None
+    scale, iterations = 1.0, 0
     initial = current = variance_at(scale)
     while True:
-        _check_finite(target, current, scale)
-        if abs(current - goal) < criterion.tolerance or iterations >= criterion.max_iterations:
+        code, proposed = next_scale(current, scale, iterations, criterion, limit.scale, _floor(floor))
+        stop = Stop(int(code))
+        if stop != Stop.RESCALE:
             break
-        if floor is not None and floor >= goal + criterion.tolerance and current > goal:
-            reason = f"the bias alone gives a variance of {floor:.3g}, above the target: no kernel scale can reach it"
-            break
-        if current <= MIN_RELATIVE_VARIANCE * goal:
-            reason = _too_small_reason(current, goal)
-            break
-        step = math.sqrt(goal / current)
-        if scale * step > limit.scale:
-            reason = (
-                f"reaching the target would need a kernel scale of {scale * step:.3g}, beyond what {limit.dtype} "
-                f"can hold (at most {limit.scale:.3g})"
-            )
-            break
-        scale *= step
-        iterations += 1
+        scale, iterations = float(proposed), iterations + 1
         current = variance_at(scale)
+    reason = _stop_reason(target, stop, current, scale, criterion, float(proposed), limit, floor)
     return _record(target, initial, current, iterations, scale, criterion, reason)
 
 
-def unit_scale(variance: Any, criterion: Criterion) -> Any:
+def unit_scale(variance: Any, criterion: Criterion) -> tuple[Any, Any]:
     """LSUV's loop in closed form, on the device, for a pre-activation `s·z` linear in the kernel with no bias.
 
-    `var(s·z) = s²·var(z)`, so `find_scale` would stop after at most one rescale, by `sqrt(target / var)`, and
-    make none where `var` is within tolerance already, too small to rescale safely, not finite, or where
-    `max_iterations` is 0. This makes the same choice from `variance` (a float32 scalar from
-    `statistics.variance_on_device`) without reading it back, so the pass goes on without waiting for the host:
-    for accelerators, where a read-back makes the device wait.
-    The kernel's dtypes cannot limit the scale: it is for float32 kernels computed in float32 only, where a scale is
-    at most `MIN_RELATIVE_VARIANCE ** -0.5`.
+    `var(s·z) = s²·var(z)`, so `find_scale` would stop after at most one rescale, by `sqrt(target / var)`. This
+    takes `next_scale`'s decision at scale 1 on `variance` (a float32 scalar from `statistics.variance_on_device`)
+    without reading it back, so the pass goes on without waiting for the host: for accelerators, where a read-back
+    makes the device wait. The kernel's dtypes cannot limit the scale: it is for float32 kernels computed in
+    float32 only, where a scale is at most `MIN_RELATIVE_VARIANCE ** -0.5`.
 
     Args:
         variance: The output variance at scale 1, a float32 scalar tensor.
         criterion: Target variance, tolerance and iteration limit.
 
     Returns:
-        The scale, a float32 scalar tensor on the device of `variance`; `unit_scale_record` reports it.
+        `(scale, stop)`: the scale (1 unless the code is `Stop.RESCALE`) and `next_scale`'s code, float32 scalar
+        tensors on the device of `variance`; `unit_scale_record` reports them.
     """
-    goal = criterion.target_variance
-    if criterion.max_iterations < 1:
-        return ops.ones((), dtype="float32")
-    # A NaN fails every comparison; an infinite variance fails the last one: neither is rescaled.
-    rescale = ops.logical_and(
-        ops.greater_equal(ops.abs(ops.subtract(variance, goal)), criterion.tolerance),
-        ops.logical_and(ops.greater(variance, MIN_RELATIVE_VARIANCE * goal), ops.less(variance, math.inf)),
-    )
-    return ops.where(rescale, ops.sqrt(ops.divide(goal, variance)), ops.ones((), dtype="float32"))
+    stop, proposed = next_scale(variance, 1.0, 0, criterion, xp=ops)
+    scale = ops.where(ops.equal(stop, int(Stop.RESCALE)), proposed, ops.ones((), dtype="float32"))
+    return ops.cast(scale, "float32"), ops.cast(stop, "float32")
 
 
-def unit_scale_record(target: Target, variance: float, scale: float, criterion: Criterion) -> LayerRecord:
-    """The record of a layer rescaled by `unit_scale`, from its variance and scale read back after the pass.
+def unit_scale_record(target: Target, variance: float, scale: float, stop: float, criterion: Criterion) -> LayerRecord:
+    """The record of a layer rescaled by `unit_scale`, from its variance, scale and code read back after the pass.
 
     The final variance is computed from the scale as applied (float32), as `find_scale` computes it from moments.
 
     Raises:
         ValueError: If the layer's output is not finite.
     """
-    _check_finite(target, variance, 1.0)
-    current = scale * scale * variance
-    iterations = int(scale != 1.0)
-    goal = criterion.target_variance
-    # Where `find_scale` would stop for a variance too small to rescale (the record's reason, as it gives it).
-    too_small = criterion.max_iterations >= 1 and criterion.tolerance <= abs(variance - goal)
-    reason = _too_small_reason(variance, goal) if too_small and variance <= MIN_RELATIVE_VARIANCE * goal else None
+    code = Stop(int(stop))
+    if code == Stop.RESCALE:  # the one rescale `find_scale` would make; at the new scale it is within tolerance
+        current, iterations, code = scale * scale * variance, 1, Stop.DONE
+    else:
+        current, iterations = variance, 0
+    reason = _stop_reason(target, code, variance, 1.0, criterion, scale, ScaleLimit(), None)
     return _record(target, variance, current, iterations, scale, criterion, reason)
 
 
-def _check_finite(target: Target, variance: float, scale: float) -> None:
+def _floor(floor: float | None) -> float:
+    return -math.inf if floor is None else floor
+
+
+def _stop_reason(
+    target: Target,
+    stop: Stop,
+    variance: float,
+    scale: float,
+    criterion: Criterion,
+    proposed: float,
+    limit: ScaleLimit,
+    floor: float | None,
+) -> str | None:
+    """The record's reason for `next_scale`'s code (`None` for `Stop.DONE`: `_record` says why if not converged).
+
+    Raises:
+        ValueError: For `Stop.NOT_FINITE`.
+    """
+    goal = criterion.target_variance
+    if stop == Stop.NOT_FINITE:
+        _raise_not_finite(target, variance, scale)
+    if stop == Stop.BIAS_FLOOR:
+        return f"the bias alone gives a variance of {floor:.3g}, above the target: no kernel scale can reach it"
+    if stop == Stop.TOO_SMALL:
+        return _too_small_reason(variance, goal)
+    if stop == Stop.BEYOND_DTYPE:
+        return (
+            f"reaching the target would need a kernel scale of {proposed:.3g}, beyond what {limit.dtype} "
+            f"can hold (at most {limit.scale:.3g})"
+        )
+    return None
+
+
+def _raise_not_finite(target: Target, variance: float, scale: float) -> NoReturn:
     layer = target.layer
     if math.isinf(variance):
         # A NaN or Inf output makes its variance NaN (Inf - Inf); an infinite variance comes from finite outputs
@@ -178,11 +261,10 @@ def _check_finite(target: Target, variance: float, scale: float) -> None:
             "(beyond about 1.8e19, the square root of float32's largest value). Scale the inputs down (e.g. "
             "standardize them) or check the layers before it."
         )
-    if not math.isfinite(variance):
-        raise ValueError(
-            f"LSUV: layer '{layer.name}' ({type(layer).__name__}) produced non-finite values "
-            f"(output variance {variance}) at kernel scale {scale:.4g}. Check the batch and the layers before it."
-        )
+    raise ValueError(
+        f"LSUV: layer '{layer.name}' ({type(layer).__name__}) produced non-finite values "
+        f"(output variance {variance}) at kernel scale {scale:.4g}. Check the batch and the layers before it."
+    )
 
 
 def _too_small_reason(variance: float, goal: float) -> str:

@@ -14,8 +14,9 @@ import zoo
 from keras import layers, ops
 
 import keras_lsuv
+from benchmarks.harness import counted_host_reads
 from keras_lsuv.engines import single_pass
-from keras_lsuv.rescale import Criterion, find_scale, unit_scale, unit_scale_record
+from keras_lsuv.rescale import Criterion, Stop, find_scale, unit_scale, unit_scale_record
 from keras_lsuv.statistics import on_accelerator
 from keras_lsuv.targets import Target, find_targets
 
@@ -33,8 +34,10 @@ def test_unit_scale_makes_the_choice_of_the_loop(variance, criterion):
     target = Target(layers.Dense(2, name="dense"))
     variance = float(np.float32(variance))  # as measured on the device
     expected = find_scale(target, lambda s: s * s * variance, criterion)
-    scale = unit_scale(ops.convert_to_tensor(np.float32(variance)), criterion)
-    record = unit_scale_record(target, variance, float(ops.convert_to_numpy(scale)), criterion)
+    scale, stop = (
+        float(ops.convert_to_numpy(v)) for v in unit_scale(ops.convert_to_tensor(np.float32(variance)), criterion)
+    )
+    record = unit_scale_record(target, variance, scale, stop, criterion)
     assert record.scale == pytest.approx(expected.scale, rel=1e-6)
     assert record.final_variance == pytest.approx(expected.final_variance, rel=1e-6)
     assert (record.iterations, record.converged, record.reason) == (
@@ -49,10 +52,12 @@ def test_unit_scale_makes_the_choice_of_the_loop(variance, criterion):
     [(math.nan, "'dense' .* produced non-finite values"), (math.inf, "'dense' .* overflowed float32")],
 )
 def test_non_finite_variance_is_not_rescaled_and_its_record_raises(variance, message):
-    scale = unit_scale(ops.convert_to_tensor(np.float32(variance)), Criterion())
-    assert float(ops.convert_to_numpy(scale)) == 1.0
+    scale, stop = (
+        float(ops.convert_to_numpy(v)) for v in unit_scale(ops.convert_to_tensor(np.float32(variance)), Criterion())
+    )
+    assert scale == 1.0 and stop == Stop.NOT_FINITE
     with pytest.raises(ValueError, match=message):
-        unit_scale_record(Target(layers.Dense(2, name="dense")), variance, 1.0, Criterion())
+        unit_scale_record(Target(layers.Dense(2, name="dense")), variance, scale, stop, Criterion())
 
 
 def test_on_accelerator_says_where_the_backend_computes():
@@ -104,19 +109,7 @@ def test_device_and_host_loop_give_the_same_kernels_and_records(factory, monkeyp
         assert a.final_variance == pytest.approx(b.final_variance, rel=1e-5), a.name
 
 
-def count_reads(monkeypatch):
-    reads = []
-    convert = ops.convert_to_numpy
-
-    def counted(x):
-        reads.append(tuple(getattr(x, "shape", ())))
-        return convert(x)
-
-    monkeypatch.setattr(ops, "convert_to_numpy", counted)
-    return reads
-
-
-def test_a_fresh_model_is_rescaled_with_one_read_back_per_pass(device_path, monkeypatch):
+def test_a_fresh_model_is_rescaled_with_one_read_back_per_pass(device_path):
     model = keras.Sequential(
         [keras.Input((8, 8, 3))]
         + [layers.Conv2D(8, 3, padding="same", activation="relu") for _ in range(6)]
@@ -126,11 +119,10 @@ def test_a_fresh_model_is_rescaled_with_one_read_back_per_pass(device_path, monk
     model(x[:2])
     before = zoo.kernels_by_layer(model)
     targets = find_targets(model)
-    reads = count_reads(monkeypatch)
-    records = single_pass.run_single_pass(model, x, targets, "preactivation", Criterion(), lambda _: None)
-    # One read of every bias (LSUV never changes them), one of every layer's variance and scale, after the pass.
-    assert reads == [(8 * 6 + 16 + 4,), (2 * len(targets),)]
-    monkeypatch.undo()
+    with counted_host_reads() as reads:
+        records = single_pass.run_single_pass(model, x, targets, "preactivation", Criterion(), lambda _: None)
+    # One read of every bias (LSUV never changes them), one of every layer's variance, scale and code, after the pass.
+    assert reads == [(8 * 6 + 16 + 4,), (3 * len(targets),)]
     report = keras_lsuv.LSUVReport(records=list(records.values()))
     assert list(records) == targets and all(record.layer is t.layer for t, record in records.items())
     assert report.converged
@@ -138,17 +130,16 @@ def test_a_fresh_model_is_rescaled_with_one_read_back_per_pass(device_path, monk
     zoo.assert_report_is_true(model, x, report, before)
 
 
-def test_layers_with_a_bias_read_the_device_layers_before_them_back(device_path, monkeypatch):
+def test_layers_with_a_bias_read_the_device_layers_before_them_back(device_path):
     model = zoo.deep_mlp(depth=4)
     model.layers[2].bias.assign(np.full((32,), 0.5, "float32"))  # this one goes through the host loop
     x = zoo.batch_for(model)
     model(x[:2])
-    before = zoo.kernels_by_layer(model)
-    reads = count_reads(monkeypatch)
-    records = single_pass.run_single_pass(model, x, find_targets(model), "preactivation", Criterion(), lambda _: None)
+    before, targets = zoo.kernels_by_layer(model), find_targets(model)
+    with counted_host_reads() as reads:
+        records = single_pass.run_single_pass(model, x, targets, "preactivation", Criterion(), lambda _: None)
     # Biases; then, at the biased layer, the two device layers before it and the layer's own moments; then the rest.
-    assert reads == [(32 * 4 + 10,), (4,), (2, 32), (4,)]
-    monkeypatch.undo()
+    assert reads == [(32 * 4 + 10,), (6,), (2, 32), (6,)]
     zoo.assert_report_is_true(model, x, keras_lsuv.LSUVReport(records=list(records.values())), before)
 
 

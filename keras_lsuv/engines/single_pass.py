@@ -102,8 +102,8 @@ class _SinglePass:
         self.reached: dict[int, Target] = {}
         self.multi_call: set[int] = set()
         self.traced: set[int] = set()
-        # Layers rescaled on the device whose variance and scale are not read back yet: (target, variance, scale).
-        self.unread: list[tuple[Target, Any, Any]] = []
+        # Layers rescaled on the device whose variance, scale and stop code are not read back yet.
+        self.unread: list[tuple[Target, Any, Any, Any]] = []
         self.tentative: dict[int, tuple[Target, LayerRecord | None]] = {}  # this pass's, in processing order
         read_biases([t for t in targets if not t.skip_reason])
 
@@ -189,9 +189,9 @@ class _SinglePass:
             ValueError: For the first layer, in processing order, whose output was not finite.
         """
         if self.unread:
-            values = fetch([value for _, variance, scale in self.unread for value in (variance, scale)])
-            for (target, _, _), (variance, scale) in zip(self.unread, values.reshape(-1, 2), strict=True):
-                record = unit_scale_record(target, float(variance), float(scale), self.criterion)
+            values = fetch([value for _, *measured in self.unread for value in measured])
+            for (target, *_), (variance, scale, stop) in zip(self.unread, values.reshape(-1, 3), strict=True):
+                record = unit_scale_record(target, float(variance), float(scale), float(stop), self.criterion)
                 self.tentative[id(target.layer)] = (target, record)
             self.unread.clear()
 
@@ -228,12 +228,12 @@ class _SinglePass:
         """Rescales the kernel by `unit_scale`, found on the device; returns the layer's output at that scale.
 
         `var(s·z) = s²·var(z)`, so neither the layer nor the host is needed again: the pass goes on at once, and the
-        record is completed when the pass reads every such layer's variance and scale back together.
+        record is completed when the pass reads every such layer's variance, scale and stop code back together.
         """
         measured = variance_on_device(preactivation)
-        scale = unit_scale(measured, self.criterion)
+        scale, stop = unit_scale(measured, self.criterion)
         write_kernel(target.scaled_kernel, self._original(target), scale)
-        self.unread.append((target, measured, scale))
+        self.unread.append((target, measured, scale, stop))
         return activation(ops.multiply(preactivation, scale))
 
     def _rescale_on_call(

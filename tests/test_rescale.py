@@ -1,0 +1,79 @@
+"""The paper's stopping rule (`rescale.next_scale`) as a function of numbers: no Keras layer, host and device alike."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from keras import ops
+
+from keras_lsuv.rescale import MIN_RELATIVE_VARIANCE, Criterion, Stop, next_scale
+
+criteria = st.builds(
+    Criterion,
+    target_variance=st.floats(0.01, 100.0),
+    tolerance=st.floats(1e-3, 0.5),
+    max_iterations=st.integers(0, 12),
+)
+variances = st.one_of(st.floats(0.0, 1e12), st.sampled_from([math.nan, math.inf, 1e-13, 1.0]))
+scales = st.floats(1e-3, 1e3)
+
+
+DEFAULT = Criterion()
+
+
+def decide(variance, scale=1.0, iterations=0, criterion=DEFAULT, **options):
+    stop, proposed = next_scale(variance, scale, iterations, criterion, **options)
+    return Stop(int(stop)), float(proposed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(variances, scales, st.integers(0, 12), criteria, st.sampled_from([math.inf, 10.0, 1.5]))
+def test_each_rule_stops_the_loop_in_order(variance, scale, iterations, criterion, limit):
+    stop, proposed = decide(variance, scale, iterations, criterion, limit=limit)
+    goal = criterion.target_variance
+    if not math.isfinite(variance):
+        assert stop == Stop.NOT_FINITE
+    elif abs(variance - goal) < criterion.tolerance or iterations >= criterion.max_iterations:
+        assert stop == Stop.DONE
+    elif variance <= MIN_RELATIVE_VARIANCE * goal:
+        assert stop == Stop.TOO_SMALL
+    elif scale * math.sqrt(goal / variance) > limit:
+        assert stop == Stop.BEYOND_DTYPE
+    else:
+        assert stop == Stop.RESCALE
+        assert proposed == pytest.approx(scale * math.sqrt(goal / variance), rel=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(1e-6, 1e6), criteria)
+def test_a_variance_quadratic_in_the_scale_reaches_the_target_in_one_rescale(variance, criterion):
+    """The pre-activation `s·z` of a layer without bias: `var(s) = s²·var(1)`, the closed form `unit_scale` uses."""
+    stop, proposed = decide(variance, criterion=criterion)
+    if stop == Stop.RESCALE:
+        after = proposed * proposed * variance
+        assert abs(after - criterion.target_variance) < criterion.tolerance
+        assert decide(after, proposed, 1, criterion)[0] == Stop.DONE
+    else:
+        assert stop == Stop.DONE
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(1.5, 100.0), st.floats(0.0, 1.0))
+def test_a_bias_above_the_target_stops_only_a_variance_above_it(floor, below):
+    assert decide(floor + 1.0, floor=floor)[0] == Stop.BIAS_FLOOR
+    assert decide(below * 0.8, floor=floor)[0] != Stop.BIAS_FLOOR  # below the target: scaling up still helps
+
+
+@pytest.mark.parametrize(
+    "criterion", [Criterion(), Criterion(target_variance=2.0, tolerance=0.01), Criterion(0.5, 0.1, 0)]
+)
+@pytest.mark.parametrize("variance", [0.0, 1e-15, 1e-9, 0.5, 0.95, 1.05, 7.0, 1e8, math.nan, math.inf])
+def test_the_device_takes_the_hosts_decision(variance, criterion):
+    """The same function on a float32 device scalar (`keras.ops`), with no branch on its value."""
+    host_stop, host_proposed = decide(float(np.float32(variance)), criterion=criterion)
+    stop, proposed = next_scale(ops.convert_to_tensor(np.float32(variance)), 1.0, 0, criterion, xp=ops)
+    assert Stop(int(ops.convert_to_numpy(stop))) == host_stop
+    if host_stop == Stop.RESCALE:
+        assert float(ops.convert_to_numpy(proposed)) == pytest.approx(host_proposed, rel=1e-6)

@@ -59,8 +59,9 @@ class LSUVReport:
     """The result of `lsuv_init`: per-layer records in processing order.
 
     Args:
-        records: One `LayerRecord` per target layer: processed layers in the
-            order the forward pass reached them, then skipped ones.
+        records: One `LayerRecord` per target layer, in the order the forward
+            pass reached them (skipped ones among them), then the ones it
+            never reached.
         engine: The engine that ran (`"single_pass"` or `"submodel"`).
         measure: `"preactivation"` or `"output"`.
         target_variance: The variance LSUV aimed for.

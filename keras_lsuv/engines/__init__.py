@@ -1,11 +1,49 @@
 """LSUV engines: how the forward pass reaches each layer's output.
 
-Each engine is a function `(model, batch, targets, measure, criterion, on_record) -> dict[Target, LayerRecord]`
-that rescales the kernels of `targets` in place and gives each target's record, keyed by the target itself (never by
-the layer's name, which Keras does not keep unique).
+Each engine rescales the kernels of `targets` in place and gives each target's record, keyed by the target itself
+(never by the layer's name, which Keras does not keep unique): see `Engine`.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import keras
 
 from keras_lsuv.engines.single_pass import run_single_pass
 from keras_lsuv.engines.submodel import run_submodel
+from keras_lsuv.report import LayerRecord
+from keras_lsuv.rescale import Criterion
+from keras_lsuv.targets import Target
 
-ENGINES = {"single_pass": run_single_pass, "submodel": run_submodel}
+
+class Engine(Protocol):
+    """What `lsuv_init` asks of an engine (the contract `tests/engines/test_contract.py` checks for each one).
+
+    Args:
+        model: The model, built.
+        batch: The LSUV batch, structured as the model's inputs.
+        targets: Every target of the model (`find_targets`); those with a `skip_reason` are left alone.
+        measure: `"preactivation"` or `"output"`.
+        criterion: When a layer is done.
+        on_record: Called once with each measured layer's record, as soon as it is final.
+
+    Returns:
+        One record per target, keyed by the target: the targets in the order the pass reached them (measured or
+        left alone), then those it never reached (`Target.skipped_record`). `lsuv_init` puts back the kernels of
+        the targets not measured.
+    """
+
+    def __call__(
+        self,
+        model: keras.Model,
+        batch: Any,
+        targets: list[Target],
+        measure: str,
+        criterion: Criterion,
+        on_record: Callable[[LayerRecord], None],
+    ) -> dict[Target, LayerRecord]: ...
+
+
+ENGINES: dict[str, Engine] = {"single_pass": run_single_pass, "submodel": run_submodel}

@@ -5,21 +5,33 @@ Two signals, both read from the model itself:
 - the optimizer's step count: training in this process, or a `.keras` file
   loaded with its optimizer state;
 - the weights: a trainable layer whose bias (or normalization `beta`,
-  `gamma`, moving mean or variance) was initialized to a constant no longer
-  holds that constant. Fresh Keras layers start with zero biases and unit
-  `gamma`; training moves them at the first step, and `load_weights` or
-  `load_model(compile=False)` of a trained checkpoint brings the moved values
-  back. LSUV itself only rescales kernels, so a model LSUV initialized still
-  looks fresh.
+  `gamma`, `scale`, moving mean or variance) was initialized to a constant no
+  longer holds what its layer's build gave it. Fresh Keras layers start with
+  zero biases and unit `gamma`; training moves them at the first step, and
+  `load_weights` or `load_model(compile=False)` of a trained checkpoint brings
+  the moved values back. LSUV itself only rescales kernels, so a model LSUV
+  initialized still looks fresh.
+
+A fresh weight holds what its layer's build gives it: for Keras's own layers,
+the initializer's constant, with ones for the forget gate of an LSTM or
+ConvLSTM cell (`unit_forget_bias=True`, Keras's default). A layer from
+elsewhere (a custom layer, a Keras layer subclassed) may build the weight
+otherwise: where its weight does not hold the constant, it is compared with
+what a fresh copy of the layer, rebuilt from its config and build shapes,
+holds, and only a weight that differs from both counts as moved. A model of
+Keras layers rebuilds nothing, fresh or trained.
 
 What they cannot see: a model with no such weight (no biases, no
 normalization, or only random bias initializers), weights set by hand, and
 frozen layers (a frozen pretrained backbone does not count, so LSUV still
-initializes the new layers around it).
+initializes the new layers around it). A layer from elsewhere that builds a
+weight otherwise and does not rebuild from its config is judged by the
+constant alone, so it looks trained.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 import keras
@@ -34,6 +46,9 @@ CONSTANT_WEIGHTS = (
     ("moving_mean", "moving_mean_initializer"),
     ("moving_variance", "moving_variance_initializer"),
 )
+# Keras layers whose build gives a weight a constant without keeping its initializer in an attribute:
+# (name in `keras.layers`, weight, constant). RMSNormalization is in Keras 3.9 and later.
+BUILT_CONSTANTS = (("RMSNormalization", "scale", 1.0),)
 
 
 def training_evidence(model: keras.Model) -> str | None:
@@ -69,7 +84,7 @@ def optimizer_steps_evidence(model: keras.Model) -> str | None:
 
 
 def trained_weights_evidence(model: keras.Model) -> str | None:
-    """Names a weight that has moved from the constant its layer initialized it to, or returns `None`.
+    """Names a weight that has moved from what its layer's build initialized it to, or returns `None`.
 
     Example:
 
@@ -88,16 +103,27 @@ def trained_weights_evidence(model: keras.Model) -> str | None:
     """
     for layer, name, constant in _constant_weights(model):
         values = ops.convert_to_numpy(getattr(layer, name))
-        if not np.all(values == np.asarray(constant, dtype=values.dtype)):  # the constant as the variable holds it
-            difference = float(np.max(np.abs(values.astype("float64") - constant)))
-            return (
-                f"layer '{layer.name}' has a {name} that is no longer its initial {constant:g} "
-                f"(max |difference| {difference:.3g})"
-            )
+        initial = _as_keras_builds(layer, name, constant, values)
+        if np.all(values == initial):
+            continue
+        if not _is_from_keras(layer):  # another layer's build may give the weight something else: ask a copy
+            built = _freshly_built(layer, name, values.shape)
+            if built is not None:
+                if np.all(values == built):
+                    continue
+                initial = built
+        description = f"its initial {constant:g}" if np.all(initial == constant) else "the initial value its build sets"
+        difference = float(np.max(np.abs(values.astype("float64") - initial.astype("float64"))))
+        return f"layer '{layer.name}' has a {name} that is no longer {description} (max |difference| {difference:.3g})"
     return None
 
 
 def _constant_weights(model: keras.Model) -> Iterator[tuple[keras.layers.Layer, str, float]]:
+    built_constants = [
+        (getattr(keras.layers, layer_class), name, constant)
+        for layer_class, name, constant in BUILT_CONSTANTS
+        if hasattr(keras.layers, layer_class)
+    ]
     # `_flatten_layers` reaches the sub-layers of composite layers too (targets.py walks them the same way).
     for layer in model._flatten_layers(include_self=True, recursive=True):
         if not layer.trainable:
@@ -105,10 +131,10 @@ def _constant_weights(model: keras.Model) -> Iterator[tuple[keras.layers.Layer, 
         # The layer's own weights, not `isinstance(w, keras.Variable)`: before Keras 3.7 that class is not the
         # backend variables' base.
         own = {id(w) for w in layer.weights}
-        for name, initializer_name in CONSTANT_WEIGHTS:
-            weight = getattr(layer, name, None)
-            constant = _constant_of(getattr(layer, initializer_name, None))
-            if id(weight) in own and constant is not None:
+        candidates = [(name, _constant_of(getattr(layer, initializer, None))) for name, initializer in CONSTANT_WEIGHTS]
+        candidates += [(name, constant) for cls, name, constant in built_constants if isinstance(layer, cls)]
+        for name, constant in candidates:
+            if id(getattr(layer, name, None)) in own and constant is not None:
                 yield layer, name, constant
 
 
@@ -120,3 +146,59 @@ def _constant_of(initializer: object) -> float | None:
     if isinstance(initializer, keras.initializers.Constant) and np.ndim(initializer.value) == 0:
         return float(initializer.value)
     return None
+
+
+def _as_keras_builds(layer: keras.layers.Layer, name: str, constant: float, like: np.ndarray) -> np.ndarray:
+    """What Keras's own build of `layer` gives its weight `name`, shaped and typed `like`.
+
+    That is the initializer's constant, with ones for the forget gate where `unit_forget_bias` is set (LSTM and
+    ConvLSTM cells: their bias holds the input, forget, cell and output gates' biases, in that order).
+    """
+    initial = np.full(like.shape, constant, dtype=like.dtype)
+    if name == "bias" and getattr(layer, "unit_forget_bias", False) and like.ndim == 1 and like.shape[0] % 4 == 0:
+        units = like.shape[0] // 4
+        initial[units : 2 * units] = 1
+    return initial
+
+
+def _is_from_keras(layer: keras.layers.Layer) -> bool:
+    # Keras's own layers are known exactly (`_as_keras_builds`; tests/test_guard.py checks every one) and are never
+    # rebuilt: besides the build, a layer's `get_config()` imports TensorFlow where it is installed (seconds, on the
+    # JAX and torch backends too), which a fresh LSTM model's first LSUV call would pay.
+    return type(layer).__module__.split(".")[0] == "keras"
+
+
+def _freshly_built(layer: keras.layers.Layer, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The values of weight `name` in a new copy of `layer`, built with the shapes `layer` was built with.
+
+    A layer's `get_config()` and `get_build_config()` are what `keras.saving` rebuilds it from, so the copy gives
+    the weight what the layer's build gave it; `layer` itself is only read. Only the compared weights' initializers
+    are kept: the others (kernels) become zeros, an allocation instead of a random draw (an orthogonal kernel of
+    1024 units takes seconds). A weight whose build depends on another initializer then differs from the copy's and
+    counts as moved: the guard errs towards a warning, never towards wiping weights. Only layers from outside Keras
+    whose weight does not hold its constant pay this.
+
+    Returns:
+        The values, or `None` where the layer does not rebuild (a config that lacks an argument of its class) or
+        the copy's weight has another shape: the caller then falls back to the initializer's constant alone, so the
+        weight counts as moved.
+    """
+    kept = {initializer for _, initializer in CONSTANT_WEIGHTS}
+    zeros = keras.initializers.serialize(keras.initializers.Zeros())
+    # Building a layer draws default seeds (of unseeded initializers and SeedGenerators) from Python's `random`,
+    # which `keras.utils.set_random_seed` seeds: its state is put back, so that the check does not change what the
+    # user's code draws next.
+    state = random.getstate()
+    try:
+        config = {
+            key: zeros if key.endswith("_initializer") and key not in kept and value is not None else value
+            for key, value in layer.get_config().items()
+        }
+        fresh = type(layer).from_config(config)
+        fresh.build_from_config(layer.get_build_config())
+        values = np.asarray(ops.convert_to_numpy(getattr(fresh, name)))
+    except Exception:  # whatever a layer's config, class or build raises, it just does not rebuild
+        return None
+    finally:
+        random.setstate(state)
+    return values if values.shape == shape else None

@@ -14,12 +14,17 @@ second call, undoes what it did from that layer's first call on, and rescales th
 forward pass per iteration, its statistics merged over every call. Then a new pass goes on from there. A target
 called with symbolic values (inside JAX's `scan`/`vmap`/`map`, or a traced function) cannot be measured and is
 skipped with that reason; so is one called inside torch's `vmap` (`keras.ops.vectorized_map` on torch).
+
+All the engine knows of a target is its `LayerState` (a `Status`, its calls in this pass, its kernel as step 1 left
+it, its record); a `Pass` holds the layers rescaled in one pass and where it halted (`Pass.halt`); each target's
+`call` is intercepted by `_SinglePass._intercept`, whose docstring is its contract.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
+import dataclasses
+import enum
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -82,6 +87,81 @@ def _as_lsuv_error() -> Iterator[None]:
         raise _Abort(error) from None
 
 
+class Status(enum.Enum):
+    """Where a target stands in the single-pass engine."""
+
+    SKIPPED = "skipped"  # left alone from the start (`Target.skip_reason`)
+    PENDING = "pending"  # to be rescaled at its next first call in a pass
+    TENTATIVE = "tentative"  # rescaled in this pass; final at its end unless the pass halted before it
+    FINAL = "final"  # rescaled, its record complete
+    MULTI_CALL = "multi-call"  # called several times per pass: rescaled by whole passes (`_rescale_by_passes`)
+    TRACED = "traced"  # called with symbolic values: never measured, its kernel put back
+
+
+@dataclasses.dataclass(eq=False)
+class LayerState:
+    """One target's state in the engine: the only per-layer state there is.
+
+    Args:
+        target: The target.
+        status: Where it stands.
+        calls: How many times the current pass has called it.
+        original: Its scaled kernel as step 1 left it, in float32, read outside any autocast scope when the layer is
+            first processed and dropped once final, so at most one pass's tentative layers hold a copy.
+        record: Its record, once known (a layer rescaled on the device has none until the pass reads it back).
+        on_device: For a layer rescaled on the device, its variance, scale and stop code, not read back yet.
+    """
+
+    target: Target
+    status: Status
+    calls: int = 0
+    original: Any = dataclasses.field(default=None, repr=False)
+    record: LayerRecord | None = None
+    on_device: tuple[Any, Any, Any] | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def open(self) -> bool:
+        """Whether a call of the layer may still be measured: not skipped, final or traced."""
+        return self.status in (Status.PENDING, Status.TENTATIVE, Status.MULTI_CALL)
+
+    def kernel_original(self) -> Any:
+        """The scaled kernel as step 1 left it (float32), copied at the first use."""
+        if self.original is None:
+            self.original = float32_copy(self.target.scaled_kernel)
+        return self.original
+
+
+@dataclasses.dataclass
+class Pass:
+    """One forward pass: the layers rescaled in it, in processing order, and where it halted.
+
+    Args:
+        tentative: The layers rescaled in this pass, in processing order.
+        halt_at: The index in `tentative` from which nothing this pass did holds; `None` if it did not halt.
+        cause: The layer that made it halt.
+    """
+
+    tentative: list[LayerState] = dataclasses.field(default_factory=list)
+    halt_at: int | None = None
+    cause: LayerState | None = None
+
+    def halt(self, state: LayerState) -> None:
+        """Marks that nothing this pass does from `state` on may become final.
+
+        `state` is a layer whose output the pass cannot vouch for (a second call, a traced call): the layers it
+        rescaled before `state`'s first call in this pass saw inputs that do not depend on it, so their records
+        hold. Invariant: every layer of `tentative[:halt_at]` was rescaled before any cause's first call in this
+        pass, and none after it is; the earliest cause wins.
+        """
+        index = self.tentative.index(state) if state in self.tentative else len(self.tentative)
+        if self.halt_at is None or index < self.halt_at:
+            self.halt_at, self.cause = index, state
+
+    @property
+    def halted(self) -> bool:
+        return self.halt_at is not None
+
+
 class _SinglePass:
     def __init__(
         self,
@@ -92,112 +172,100 @@ class _SinglePass:
         criterion: Criterion,
         on_record: Callable[[LayerRecord], None],
     ) -> None:
-        self.model, self.batch, self.targets = model, batch, targets
+        self.model, self.batch = model, batch
         self.measure, self.criterion, self.on_record = measure, criterion, on_record
-        self.active = {id(t.layer) for t in targets if not t.skip_reason}
-        # The kernels as step 1 left them, in float32, read outside any autocast scope when a layer is first
-        # processed and dropped once it is final, so at most the kernels of one pass's tentative layers are copied.
-        self.originals: dict[int, Any] = {}
-        self.final: dict[int, LayerRecord] = {}
-        self.reached: dict[int, Target] = {}
-        self.multi_call: set[int] = set()
-        self.traced: set[int] = set()
-        # Layers rescaled on the device whose variance, scale and stop code are not read back yet.
-        self.unread: list[tuple[Target, Any, Any, Any]] = []
-        self.tentative: dict[int, tuple[Target, LayerRecord | None]] = {}  # this pass's, in processing order
+        self.states = [LayerState(t, Status.SKIPPED if t.skip_reason else Status.PENDING) for t in targets]
+        self.reached: list[LayerState] = []  # in the order the passes first reached them
         read_biases([t for t in targets if not t.skip_reason])
 
     def run(self) -> dict[Target, LayerRecord]:
-        while (halted := self._inline_pass()) is not None:
-            if id(halted.layer) in self.multi_call and id(halted.layer) not in self.traced:
-                self._finish(halted, self._rescale_by_passes(halted))
+        while (cause := self._inline_pass()) is not None:
+            if cause.status is Status.MULTI_CALL:
+                self._finish(cause, self._rescale_by_passes(cause))
         records = {}
-        for key, target in self.reached.items():
-            if key in self.final:
-                records[target] = self.final[key]
+        for state in self.reached:
+            if state.status is Status.FINAL and state.record is not None:
+                records[state.target] = state.record
             else:
-                records[target] = target.skipped_record(TRACED_REASON if key in self.traced else None)
-        return records | {t: t.skipped_record() for t in self.targets if id(t.layer) not in self.reached}
+                traced = state.status is Status.TRACED
+                records[state.target] = state.target.skipped_record(TRACED_REASON if traced else None)
+        return records | {s.target: s.target.skipped_record() for s in self.states if s not in self.reached}
 
-    def _pending(self, key: int) -> bool:
-        return key in self.active and key not in self.final and key not in self.traced
+    def _intercept(self, state: LayerState, this_pass: Pass, original_call: Callable[..., Any]) -> Callable[..., Any]:
+        """The layer's `call` during an inline pass.
 
-    def _original(self, target: Target) -> Any:
-        key = id(target.layer)
-        if key not in self.originals:
-            self.originals[key] = float32_copy(target.scaled_kernel)
-        return self.originals[key]
+        Contract, per call: a layer that is skipped, final or traced runs as it is. A traced call (symbolic
+        values) makes the layer traced and halts the pass at it; a second call in the pass makes it multi-call
+        and halts there; after a halt, nothing is rescaled (the next pass redoes it); a layer known to be
+        multi-call halts the pass at its first call; otherwise the first call rescales the layer (tentative) and
+        returns the output at the new scale.
+        """
 
-    def _inline_pass(self) -> Target | None:
-        """One pass rescaling each target on its first call; returns the target it halted at, if it did."""
-        calls: collections.Counter[int] = collections.Counter()
-        tentative = self.tentative = {}  # the record is None until `_read_back`
-        halt: list[tuple[int, Target]] = []  # (index in `tentative` from which nothing holds, cause)
-
-        def stop_at(target: Target) -> None:
-            keys = list(tentative)
-            index = keys.index(id(target.layer)) if id(target.layer) in tentative else len(keys)
-            if not halt or index < halt[0][0]:
-                halt[:] = [(index, target)]
-
-        def make_call(layer: keras.layers.Layer, original_call: Callable[..., Any]) -> Callable[..., Any]:
-            key = id(layer)
-            target = by_layer[key]
-
-            def call(*args: Any, **kwargs: Any) -> Any:
-                calls[key] += 1
-                self.reached.setdefault(key, target)
-                if not self._pending(key):
-                    return original_call(*args, **kwargs)
-                if is_traced((args, kwargs)):
-                    self.traced.add(key)
-                    stop_at(target)
-                    return original_call(*args, **kwargs)
-                if calls[key] > 1:
-                    self.multi_call.add(key)
-                    stop_at(target)
-                    return original_call(*args, **kwargs)
-                if halt:
-                    return original_call(*args, **kwargs)  # after a halt nothing is final: leave it to the next pass
-                if key in self.multi_call:
-                    stop_at(target)
-                    return original_call(*args, **kwargs)
-                record, output = self._rescale_on_call(target, original_call, args, kwargs)
-                tentative[key] = (target, record)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            state.calls += 1
+            if state not in self.reached:
+                self.reached.append(state)
+            if not state.open:
+                return original_call(*args, **kwargs)
+            if is_traced((args, kwargs)):
+                state.status = Status.TRACED
+                this_pass.halt(state)
+            elif state.calls > 1:
+                state.status = Status.MULTI_CALL
+                this_pass.halt(state)
+            elif this_pass.halted:
+                pass  # after a halt nothing is final: leave it to the next pass
+            elif state.status is Status.MULTI_CALL:
+                this_pass.halt(state)
+            else:
+                output = self._rescale_on_call(state, this_pass, original_call, args, kwargs)
+                state.status = Status.TENTATIVE
+                this_pass.tentative.append(state)
                 return output
+            return original_call(*args, **kwargs)
 
-            return call
+        return call
 
-        by_layer = {id(t.layer): t for t in self.targets}
-        traced_before = set(self.traced)
-        self._forward([t.layer for t in self.targets], make_call)
-        self._read_back()  # after it, every record of the pass is complete
-        items = [(target, record) for target, record in tentative.values() if record is not None]
-        index, cause = halt[0] if halt else (len(items), None)
-        for target, record in items[:index]:
-            self._finish(target, record)
-        for target, _ in items[index:]:
-            write_kernel(target.scaled_kernel, self._original(target), 1.0)  # undo: it is redone later
-        for key in self.traced - traced_before:
-            by_layer[key].restore_kernels()  # not measured: it keeps its kernel, and the layers after see that one
-        return cause
+    def _inline_pass(self) -> LayerState | None:
+        """One pass rescaling each pending layer at its first call; returns the layer it halted at, if it did."""
+        this_pass = Pass()
+        by_layer = {state.target.layer: state for state in self.states}
+        traced_before = [s for s in self.states if s.status is Status.TRACED]
+        for state in self.states:
+            state.calls = 0
+        self._forward(list(by_layer), lambda layer, call: self._intercept(by_layer[layer], this_pass, call))
+        self._read_back(this_pass)  # after it, every record of the pass is complete
+        end = len(this_pass.tentative) if this_pass.halt_at is None else this_pass.halt_at
+        for state in this_pass.tentative[:end]:
+            assert state.record is not None  # `_read_back` completed it
+            self._finish(state, state.record)
+        for state in this_pass.tentative[end:]:
+            write_kernel(state.target.scaled_kernel, state.kernel_original(), 1.0)  # undo: it is redone later
+            state.record = None
+            if state.status is Status.TENTATIVE:
+                state.status = Status.PENDING
+        for state in self.states:
+            if state.status is Status.TRACED and state not in traced_before:
+                state.target.restore_kernels()  # not measured: it keeps its kernel, the layers after see that one
+        return this_pass.cause
 
-    def _read_back(self) -> None:
-        """Completes the records of this pass's layers rescaled on the device, in one transfer.
+    def _read_back(self, this_pass: Pass) -> None:
+        """Completes the records of the pass's layers rescaled on the device, in one transfer.
 
         Raises:
             ValueError: For the first layer, in processing order, whose output was not finite.
         """
-        if self.unread:
-            values = fetch([value for _, *measured in self.unread for value in measured])
-            for (target, *_), (variance, scale, stop) in zip(self.unread, values.reshape(-1, 3), strict=True):
-                record = unit_scale_record(target, float(variance), float(scale), float(stop), self.criterion)
-                self.tentative[id(target.layer)] = (target, record)
-            self.unread.clear()
+        unread = [state for state in this_pass.tentative if state.on_device is not None]
+        if unread:
+            values = fetch([value for state in unread for value in state.on_device or ()])
+            for state, (variance, scale, stop) in zip(unread, values.reshape(-1, 3), strict=True):
+                state.record = unit_scale_record(
+                    state.target, float(variance), float(scale), float(stop), self.criterion
+                )
+                state.on_device = None
 
-    def _finish(self, target: Target, record: LayerRecord) -> None:
-        self.final[id(target.layer)] = record
-        self.originals.pop(id(target.layer), None)
+    def _finish(self, state: LayerState, record: LayerRecord) -> None:
+        state.status, state.record, state.original = Status.FINAL, record, None
         self.on_record(record)
 
     def _forward(self, layers: list[keras.layers.Layer], make_call: Callable[..., Callable[..., Any]]) -> None:
@@ -224,7 +292,7 @@ class _SinglePass:
             and measurements_are_global()
         )
 
-    def _rescale_on_device(self, target: Target, preactivation: Any, activation: Callable[[Any], Any]) -> Any:
+    def _rescale_on_device(self, state: LayerState, preactivation: Any, activation: Callable[[Any], Any]) -> Any:
         """Rescales the kernel by `unit_scale`, found on the device; returns the layer's output at that scale.
 
         `var(s·z) = s²·var(z)`, so neither the layer nor the host is needed again: the pass goes on at once, and the
@@ -232,22 +300,33 @@ class _SinglePass:
         """
         measured = variance_on_device(preactivation)
         scale, stop = unit_scale(measured, self.criterion)
-        write_kernel(target.scaled_kernel, self._original(target), scale)
-        self.unread.append((target, measured, scale, stop))
+        write_kernel(state.target.scaled_kernel, state.kernel_original(), scale)
+        state.on_device = (measured, scale, stop)
         return activation(ops.multiply(preactivation, scale))
 
     def _rescale_on_call(
-        self, target: Target, original_call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[LayerRecord | None, Any]:
+        self,
+        state: LayerState,
+        this_pass: Pass,
+        original_call: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Rescales the layer at its first call in the pass; sets its record (or its values on the device) and
+        returns its output at the new scale."""
+        target = state.target
         layer = target.layer
         with without_activation(layer) as activation:
             preactivation = original_call(*args, **kwargs)
         if self._scales_on_device(target, preactivation):
-            return None, self._rescale_on_device(target, preactivation, activation)
+            return self._rescale_on_device(state, preactivation, activation)
         with _as_lsuv_error():
-            self._read_back()  # this layer reads its statistics back anyway: the earlier layers' come with them
+            self._read_back(this_pass)  # this layer reads its statistics back anyway: the earlier layers' come too
         if not target.is_linear_in_kernel or not _computes_in_full_precision(layer):
-            return self._rescale_by_reevaluation(target, original_call, args, kwargs, activation, preactivation)
+            state.record, output = self._rescale_by_reevaluation(
+                state, original_call, args, kwargs, activation, preactivation
+            )
+            return output
 
         # Pre-activation z = L + B, with L linear in the kernel and B the bias: scaling the kernel by s gives
         # s·L + B = s·z + (1 - s)·B, so no re-evaluation is needed. Only in float32/float64: in float16 or
@@ -268,18 +347,18 @@ class _SinglePass:
             def variance_at(scale: float) -> float:
                 return variance(activation(at_scale(scale)))
 
-        kernel, original = target.scaled_kernel, self._original(target)
+        kernel, original = target.scaled_kernel, state.kernel_original()
         limit = ScaleLimit.of(kernel, original, layer, _output_peak(layer, z))
         with _as_lsuv_error():
-            record = find_scale(target, variance_at, self.criterion, limit, floor)
+            record = state.record = find_scale(target, variance_at, self.criterion, limit, floor)
         if record.scale == 1.0:
-            return record, activation(preactivation)
+            return activation(preactivation)
         write_kernel(kernel, original, record.scale)
-        return record, activation(ops.cast(at_scale(record.scale), preactivation.dtype))
+        return activation(ops.cast(at_scale(record.scale), preactivation.dtype))
 
     def _rescale_by_reevaluation(
         self,
-        target: Target,
+        state: LayerState,
         original_call: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -291,8 +370,9 @@ class _SinglePass:
         For layers with a `call` of their own, and for float16/bfloat16 layers (whose output the arithmetic
         shortcut cannot predict exactly).
         """
+        target = state.target
         layer, kernel = target.layer, target.scaled_kernel
-        original = self._original(target)
+        original = state.kernel_original()
         latest = {"scale": 1.0, "preactivation": preactivation}
 
         def variance_at(scale: float) -> float:
@@ -308,10 +388,11 @@ class _SinglePass:
             record = find_scale(target, variance_at, self.criterion, limit)
         return record, activation(latest["preactivation"])
 
-    def _rescale_by_passes(self, target: Target) -> LayerRecord:
+    def _rescale_by_passes(self, state: LayerState) -> LayerRecord:
         """For a layer called several times per pass: one forward pass per iteration, measured over every call."""
+        target = state.target
         layer, kernel = target.layer, target.scaled_kernel
-        original = self._original(target)
+        original = state.kernel_original()
 
         def make_call(layer: keras.layers.Layer, original_call: Callable[..., Any]) -> Callable[..., Any]:
             def call(*args: Any, **kwargs: Any) -> Any:

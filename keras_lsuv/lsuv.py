@@ -9,36 +9,21 @@ import keras
 import numpy as np
 from keras import ops, tree
 
-from keras_lsuv.data import DEFAULT_NUM_SAMPLES, first_sample, prepare_batch
+from keras_lsuv.data import first_sample, prepare_batch
 from keras_lsuv.engines import ENGINES
 from keras_lsuv.guard import optimizer_steps_evidence, skipped_reason, trained_weights_evidence
 from keras_lsuv.inference import inference_mode
-from keras_lsuv.options import check_options, integer_seed
+from keras_lsuv.options import LSUVOptions, integer_seed
 from keras_lsuv.orthonormal import redraw_orthonormal
 from keras_lsuv.processes import agree_on, run_across_processes, shared_seed
 from keras_lsuv.report import LayerRecord, LSUVReport
 from keras_lsuv.targets import Target, find_targets
 
-# Warnings point at the caller of `lsuv_init`, past the `run_across_processes` wrapper.
-_CALLER = 3
+# Warnings point at the caller of `lsuv_init`, past `run_lsuv` and its `run_across_processes` wrapper.
+_CALLER = 4
 
 
-@run_across_processes
-def lsuv_init(
-    model: keras.Model,
-    x: Any,
-    *,
-    target_variance: float = 1.0,
-    tolerance: float = 0.1,
-    max_iterations: int = 10,
-    measure: str = "preactivation",
-    orthonormal: bool = True,
-    engine: str = "single_pass",
-    seed: int | keras.random.SeedGenerator | None = None,
-    force: bool = False,
-    verbose: str | int = "auto",
-    num_samples: int = DEFAULT_NUM_SAMPLES,
-) -> LSUVReport:
+def lsuv_init(model: keras.Model, x: Any, **options: Any) -> LSUVReport:
     """Initializes `model` in place with LSUV (Mishkin & Matas, 2016).
 
     Step 1 redraws every target kernel orthonormally (layer-aware: transposed
@@ -73,35 +58,15 @@ def lsuv_init(
         model: A Keras model (Sequential, Functional or subclassed; built or not).
         x: Training inputs, in any form `fit` takes: arrays or backend tensors
             (NumPy ml_dtypes floats, pandas objects, SciPy and TF sparse
-            included; a list/tuple/dict of them for several inputs), a
-            `tf.data.Dataset`, a `keras.utils.PyDataset`, a generator or
-            iterator, or a torch `DataLoader`. Elements may be `x`, `(x, y)` or
-            `(x, y, sample_weight)`; only `x` is used. The first `num_samples`
-            samples form the LSUV batch.
-        target_variance: The output variance to reach (1.0 in the paper).
-        tolerance: Stop when `|var - target_variance| < tolerance` (0.1).
-        max_iterations: At most this many rescales per layer (T_max, 10).
-        measure: `"preactivation"` (default, as in the paper) measures the
-            layer's output before its fused activation, bias included;
-            `"output"` measures the full output. Normalizing an output
-            activation such as softmax to unit variance is impossible and blows
-            up the logits, which is why pre-activation is the default.
-        orthonormal: Redraw the kernels orthonormally first (step 1).
-        engine: `"single_pass"` (default): one forward pass, each layer scaled
-            on the input it receives. `"submodel"`: re-runs a sub-model up to
-            each layer after every rescale (Functional/Sequential models only;
-            slow, kept as the reference).
-        seed: Seed of the orthonormal redraw: `None` draws at random, a
-            non-negative integer gives the same kernels on one backend, a
-            `keras.random.SeedGenerator` advances (a new draw each run). Under
-            several processes, process 0 draws a `None` seed for all.
-        force: Run even if the model's optimizer has already taken steps
-            (skipped otherwise), and without the warning given when the
-            weights look trained (biases moved from their initial constant).
-        verbose: `"auto"` or 1: a progress bar and the per-layer table;
-            2: the table only; 0: silent.
-        num_samples: How many samples of `x` to use (default 256): arrays are
-            sliced, iterables are read batch by batch until there are enough.
+            included; lists, tuples and dicts of them, nested as the model's
+            inputs are), a `tf.data.Dataset`, a `keras.utils.PyDataset`, a
+            generator or iterator, or a torch `DataLoader`. Elements may be
+            `x`, `(x, y)` or `(x, y, sample_weight)`; only `x` is used. The
+            first `num_samples` samples form the LSUV batch.
+        **options: The fields of `LSUVOptions`, by keyword: `target_variance`
+            (1.0), `tolerance` (0.1), `max_iterations` (10), `measure`,
+            `orthonormal`, `engine`, `seed`, `force`, `verbose`,
+            `num_samples`; each is described there.
 
     Returns:
         An `LSUVReport` with one record per target layer.
@@ -113,26 +78,22 @@ def lsuv_init(
             non-finite. The model's weights are unchanged then. Under several
             processes, a bad batch in any process raises the same error in
             every process.
+        TypeError: For a keyword that is not an option.
     """
-    criterion = check_options(
-        target_variance=target_variance,
-        tolerance=tolerance,
-        max_iterations=max_iterations,
-        measure=measure,
-        orthonormal=orthonormal,
-        engine=engine,
-        seed=seed,
-        force=force,
-        verbose=verbose,
-        num_samples=num_samples,
-    )
-    report = LSUVReport(engine=engine, measure=measure, target_variance=target_variance, tolerance=tolerance)
-    steps = None if force else optimizer_steps_evidence(model)
+    report: LSUVReport = run_lsuv(model, x, LSUVOptions(**options))
+    return report
+
+
+@run_across_processes
+def run_lsuv(model: keras.Model, x: Any, options: LSUVOptions) -> LSUVReport:
+    """`lsuv_init` on options already checked (`LSUVCallback` checks its own when it is built)."""
+    report = report_for(options)
+    steps = None if options.force else optimizer_steps_evidence(model)
     if steps:
         report.skipped_reason = skipped_reason(steps)
         warnings.warn(f"LSUV skipped: {report.skipped_reason}", UserWarning, stacklevel=_CALLER)
         return report
-    evidence = None if force else trained_weights_evidence(model)
+    evidence = None if options.force else trained_weights_evidence(model)
     if evidence:
         warnings.warn(
             f"LSUV: the model's weights look already trained ({evidence}); lsuv_init re-initializes them as "
@@ -141,7 +102,7 @@ def lsuv_init(
             stacklevel=_CALLER,
         )
 
-    batch = agree_on(lambda: prepare_batch(model, x, num_samples))  # a bad shard fails in every process
+    batch = agree_on(lambda: prepare_batch(model, x, options.num_samples))  # a bad shard fails in every process
     if not model.built:
         with inference_mode():
             model(first_sample(batch), training=False)
@@ -150,16 +111,16 @@ def lsuv_init(
     if not active:
         warnings.warn(f"LSUV: model '{model.name}' has no layer to initialize.", UserWarning, stacklevel=_CALLER)
 
-    verbose = 1 if verbose == "auto" else verbose
+    verbose = options.verbosity
     progress = keras.utils.Progbar(len(active), verbose=int(verbose == 1), unit_name="layer")
     for target in active:
         target.save_kernels()
     # The forward pass runs stateful layers (a stateful RNN updates its state): put their state back afterwards.
     states = [(state, ops.copy(state.value)) for state in _layer_states(model)]
     try:
-        if orthonormal:
-            redraw_orthonormal(active, shared_seed(integer_seed(seed)))
-        records = ENGINES[engine](model, batch, targets, measure, criterion, lambda _: progress.add(1))
+        if options.orthonormal:
+            redraw_orthonormal(active, shared_seed(integer_seed(options.seed)))
+        records = ENGINES[options.engine](model, batch, targets, options, lambda _: progress.add(1))
         unmeasured = _restore_unmeasured(active, records) + [records[t] for t in targets if not t.layer.built]
         report.records = list(records.values())
     except BaseException:
@@ -197,6 +158,17 @@ def lsuv_init(
     if verbose:
         print(report)
     return report
+
+
+def report_for(options: LSUVOptions, skipped_reason: str | None = None) -> LSUVReport:
+    """A report of a run with `options`, without records yet (and with none if the run was skipped)."""
+    return LSUVReport(
+        engine=options.engine,
+        measure=options.measure.value,
+        target_variance=options.target_variance,
+        tolerance=options.tolerance,
+        skipped_reason=skipped_reason,
+    )
 
 
 def _restore_unmeasured(active: list[Target], records: dict[Target, LayerRecord]) -> list[LayerRecord]:

@@ -1,88 +1,149 @@
-"""Checking the options of `lsuv_init` and `LSUVCallback` before anything runs."""
+"""The options of an LSUV run (`LSUVOptions`), declared and checked once: for `lsuv_init`, `LSUVCallback`, engines."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_lsuv.engines import ENGINES
+from keras_lsuv.data import DEFAULT_NUM_SAMPLES
 from keras_lsuv.rescale import Criterion
 
-MEASURES = ("preactivation", "output")
-VERBOSITIES = ("auto", 0, 1, 2)
 # A `SeedGenerator` is turned into one integer seed per run, drawn from this range.
 MAX_SEED = 2**31 - 1
 
 
-def check_options(
-    *,
-    target_variance: Any,
-    tolerance: Any,
-    max_iterations: Any,
-    measure: Any,
-    orthonormal: Any,
-    engine: Any,
-    seed: Any,
-    force: Any,
-    verbose: Any,
-    num_samples: Any,
-) -> Criterion:
-    """Validates every option of an LSUV run; returns the stopping criterion.
+class Measure(str, enum.Enum):
+    """What LSUV measures the variance of: each behaviour that depends on it asks here, in one place."""
 
-    Numbers may be Python or NumPy scalars, never bools; `orthonormal` and
-    `force` must be bools (Python or NumPy). `verbose` takes `"auto"`, 0, 1, 2
-    or a bool, as `fit` does.
+    PREACTIVATION = "preactivation"  # the layer's output before its fused activation, bias included (the paper's)
+    OUTPUT = "output"  # the full output, activation applied
+
+    def of(self, preactivation: Any, activation: Callable[[Any], Any]) -> Any:
+        """The measured tensor, from the layer's pre-activation output and its activation."""
+        return preactivation if self is Measure.PREACTIVATION else activation(preactivation)
+
+    @property
+    def is_affine_in_kernel(self) -> bool:
+        """Whether the measured output is `L(kernel) + B` for a Keras layer, so a rescale's effect is known in
+        closed form (the device path, and the bias-aware moments of the host loop)."""
+        return self is Measure.PREACTIVATION
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LSUVOptions:
+    """The options of an LSUV run, declared once and checked once, before anything runs.
+
+    `lsuv_init(model, x, **options)` and `LSUVCallback(x, **options)` take
+    these fields as keyword arguments; the engines read them from here.
+    Numbers may be Python or NumPy scalars (stored as Python numbers), never
+    bools; `orthonormal` and `force` must be bools (Python or NumPy);
+    `verbose` takes `"auto"`, 0, 1, 2 or a bool, as `fit` does.
 
     Example:
 
-    >>> check_options(target_variance=1.0, tolerance=np.float32(0.1),
-    ...               max_iterations=10, measure="preactivation",
-    ...               orthonormal=True, engine="single_pass", seed=0,
-    ...               force=False, verbose=0, num_samples=np.int64(64))
-    Criterion(target_variance=1.0, tolerance=0.10000000149011612, max_iterations=10)
+    >>> options = LSUVOptions(tolerance=np.float32(0.05), measure="output")
+    >>> options.criterion
+    Criterion(target_variance=1.0, tolerance=0.05000000074505806, max_iterations=10)
 
     Args:
-        target_variance: Positive finite number.
-        tolerance: Positive finite number.
-        max_iterations: Non-negative integer.
-        measure: One of `MEASURES`.
-        orthonormal: Bool.
-        engine: A name in `ENGINES`.
-        seed: `None`, a non-negative integer or a `keras.random.SeedGenerator`.
-        force: Bool.
-        verbose: `"auto"`, 0, 1, 2 or a bool.
-        num_samples: Positive integer.
-
-    Returns:
-        The `Criterion` (target variance, tolerance, iteration limit) as floats and an int.
+        target_variance: The output variance to reach (1.0 in the paper); a
+            positive finite number.
+        tolerance: Stop when `|var - target_variance| < tolerance` (0.1); a
+            positive finite number.
+        max_iterations: At most this many rescales per layer (T_max, 10); a
+            non-negative integer.
+        measure: `"preactivation"` (default, as in the paper) measures the
+            layer's output before its fused activation, bias included;
+            `"output"` measures the full output. Normalizing an output
+            activation such as softmax to unit variance is impossible and blows
+            up the logits, which is why pre-activation is the default. Stored
+            as a `Measure`.
+        orthonormal: Redraw the kernels orthonormally first (step 1).
+        engine: `"single_pass"` (default): one forward pass, each layer scaled
+            on the input it receives. `"submodel"`: re-runs a sub-model up to
+            each layer after every rescale (Functional/Sequential models only;
+            slow, kept as the reference).
+        seed: Seed of the orthonormal redraw: `None` draws at random, a
+            non-negative integer gives the same kernels on one backend, a
+            `keras.random.SeedGenerator` advances (a new draw each run). Under
+            several processes, process 0 draws a `None` seed for all.
+        force: Run even if the model's optimizer has already taken steps
+            (skipped otherwise), and without the warning given when the
+            weights look trained (biases moved from their initial constant).
+            `LSUVCallback` skips a model that looks trained unless it is set.
+        verbose: `"auto"` or 1: a progress bar and the per-layer table;
+            2: the table only; 0: silent.
+        num_samples: How many samples of `x` to use (default 256): arrays are
+            sliced, iterables are read batch by batch until there are enough.
 
     Raises:
         ValueError: Naming the first bad option and the value it got.
     """
-    for name, value in (("target_variance", target_variance), ("tolerance", tolerance)):
-        if not (_is_real(value) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a positive finite number; got {value!r}.")
-    if not (_is_integer(max_iterations) and max_iterations >= 0):
-        raise ValueError(f"max_iterations must be a non-negative integer; got {max_iterations!r}.")
-    if not (_is_integer(num_samples) and num_samples >= 1):
-        raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}.")
-    for name, value, choices in (("measure", measure, MEASURES), ("engine", engine, tuple(ENGINES))):
-        if not (isinstance(value, str) and value in choices):
-            raise ValueError(f"{name} must be one of {choices}; got {value!r}.")
-    for name, value in (("orthonormal", orthonormal), ("force", force)):
-        if not isinstance(value, (bool, np.bool_)):
-            raise ValueError(f"{name} must be True or False; got {value!r}.")
-    is_level = _is_integer(verbose) and verbose in (0, 1, 2)
-    if not (isinstance(verbose, (bool, np.bool_)) or (isinstance(verbose, str) and verbose == "auto") or is_level):
-        raise ValueError(f"verbose must be 'auto', 0, 1 or 2; got {verbose!r}.")
-    if not (seed is None or isinstance(seed, keras.random.SeedGenerator) or (_is_integer(seed) and seed >= 0)):
-        raise ValueError(f"seed must be None, a non-negative integer or a keras.random.SeedGenerator; got {seed!r}.")
-    return Criterion(float(target_variance), float(tolerance), int(max_iterations))
+
+    target_variance: float = 1.0
+    tolerance: float = 0.1
+    max_iterations: int = 10
+    measure: Measure = Measure.PREACTIVATION
+    orthonormal: bool = True
+    engine: str = "single_pass"
+    seed: int | keras.random.SeedGenerator | None = None
+    force: bool = False
+    verbose: str | int = "auto"
+    num_samples: int = DEFAULT_NUM_SAMPLES
+
+    def __post_init__(self) -> None:
+        # Imported here: the engines read their options from this module.
+        from keras_lsuv.engines import ENGINES
+
+        for name in ("target_variance", "tolerance"):
+            value = getattr(self, name)
+            if not (_is_real(value) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number; got {value!r}.")
+        if not (_is_integer(self.max_iterations) and self.max_iterations >= 0):
+            raise ValueError(f"max_iterations must be a non-negative integer; got {self.max_iterations!r}.")
+        if not (_is_integer(self.num_samples) and self.num_samples >= 1):
+            raise ValueError(f"num_samples must be a positive integer; got {self.num_samples!r}.")
+        measures = tuple(measure.value for measure in Measure)
+        for name, value, choices in (("measure", self.measure, measures), ("engine", self.engine, tuple(ENGINES))):
+            if not (isinstance(value, str) and value in choices):
+                raise ValueError(f"{name} must be one of {choices}; got {value!r}.")
+        for name in ("orthonormal", "force"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}.")
+        verbose = self.verbose
+        is_level = _is_integer(verbose) and verbose in (0, 1, 2)
+        if not (isinstance(verbose, (bool, np.bool_)) or (isinstance(verbose, str) and verbose == "auto") or is_level):
+            raise ValueError(f"verbose must be 'auto', 0, 1 or 2; got {verbose!r}.")
+        seed = self.seed
+        if not (seed is None or isinstance(seed, keras.random.SeedGenerator) or (_is_integer(seed) and seed >= 0)):
+            raise ValueError(
+                f"seed must be None, a non-negative integer or a keras.random.SeedGenerator; got {seed!r}."
+            )
+        # Python numbers from here on (a frozen dataclass sets its fields through `object.__setattr__`).
+        for name, kind in (("target_variance", float), ("tolerance", float), ("max_iterations", int)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        object.__setattr__(self, "num_samples", int(self.num_samples))
+        object.__setattr__(self, "measure", Measure(self.measure))
+        for name in ("orthonormal", "force"):
+            object.__setattr__(self, name, bool(getattr(self, name)))
+
+    @property
+    def criterion(self) -> Criterion:
+        """When a layer is done: the target variance, tolerance and iteration limit."""
+        return Criterion(self.target_variance, self.tolerance, self.max_iterations)
+
+    @property
+    def verbosity(self) -> int:
+        """`verbose` as `fit` reads it: 1 (progress bar and table) for `"auto"`, else 0, 1 or 2."""
+        return 1 if self.verbose == "auto" else int(self.verbose)
 
 
 def integer_seed(seed: int | np.integer | keras.random.SeedGenerator | None) -> int | None:
@@ -93,7 +154,7 @@ def integer_seed(seed: int | np.integer | keras.random.SeedGenerator | None) -> 
     so a generator seeded the same way gives the same sequence of runs.
 
     Args:
-        seed: A seed `check_options` accepted.
+        seed: A seed `LSUVOptions` accepted.
 
     Returns:
         `None` (draw at random) or a non-negative Python integer.

@@ -16,6 +16,7 @@ from keras import layers, ops
 import keras_lsuv
 from benchmarks.harness import counted_host_reads
 from keras_lsuv.engines import single_pass
+from keras_lsuv.options import LSUVOptions
 from keras_lsuv.rescale import Criterion, Stop, find_scale, unit_scale, unit_scale_record
 from keras_lsuv.statistics import on_accelerator
 from keras_lsuv.targets import Target, find_targets
@@ -120,7 +121,7 @@ def test_a_fresh_model_is_rescaled_with_one_read_back_per_pass(device_path):
     before = zoo.kernels_by_layer(model)
     targets = find_targets(model)
     with counted_host_reads() as reads:
-        records = single_pass.run_single_pass(model, x, targets, "preactivation", Criterion(), lambda _: None)
+        records = single_pass.run_single_pass(model, x, targets, LSUVOptions(), lambda _: None)
     # One read of every bias (LSUV never changes them), one of every layer's variance, scale and code, after the pass.
     assert reads == [(8 * 6 + 16 + 4,), (3 * len(targets),)]
     report = keras_lsuv.LSUVReport(records=list(records.values()))
@@ -137,7 +138,7 @@ def test_layers_with_a_bias_read_the_device_layers_before_them_back(device_path)
     model(x[:2])
     before, targets = zoo.kernels_by_layer(model), find_targets(model)
     with counted_host_reads() as reads:
-        records = single_pass.run_single_pass(model, x, targets, "preactivation", Criterion(), lambda _: None)
+        records = single_pass.run_single_pass(model, x, targets, LSUVOptions(), lambda _: None)
     # Biases; then, at the biased layer, the two device layers before it and the layer's own moments; then the rest.
     assert reads == [(32 * 4 + 10,), (6,), (2, 32), (6,)]
     zoo.assert_report_is_true(model, x, keras_lsuv.LSUVReport(records=list(records.values())), before)

@@ -1,5 +1,6 @@
 """Every option of `lsuv_init` and `LSUVCallback` is checked before anything runs; valid NumPy scalars are taken."""
 
+import dataclasses
 import re
 
 import keras
@@ -8,6 +9,8 @@ import pytest
 import zoo
 
 import keras_lsuv
+from keras_lsuv.options import Measure
+from keras_lsuv.rescale import Criterion
 
 X = zoo.batch_for(keras.Sequential([keras.Input((16,))]), n=32)
 
@@ -116,3 +119,17 @@ def test_unreachable_target_reads_as_such():
     assert not report.converged
     measured = zoo.preactivation_variances(model, X)
     assert all(v < 1e3 for v in measured.values()) and set(measured) == set(before)  # no kernel was blown up
+
+
+def test_options_are_one_frozen_dataclass_shared_by_the_function_and_the_callback():
+    options = keras_lsuv.LSUVOptions(tolerance=np.float32(0.05), max_iterations=np.int64(3), measure="output")
+    assert type(options.tolerance) is float and type(options.max_iterations) is int
+    assert options.measure is Measure.OUTPUT and options.criterion == Criterion(1.0, float(np.float32(0.05)), 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.tolerance = 0.2
+    callback = keras_lsuv.LSUVCallback(X, tolerance=np.float32(0.05), max_iterations=3, measure="output")
+    assert callback.options == options
+    with pytest.raises(TypeError, match="tolerence"):
+        keras_lsuv.lsuv_init(zoo.deep_mlp(depth=1), X, tolerence=0.1)
+    with pytest.raises(TypeError, match="tolerence"):
+        keras_lsuv.LSUVCallback(X, tolerence=0.1)

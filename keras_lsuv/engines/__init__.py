@@ -13,8 +13,8 @@ import keras
 
 from keras_lsuv.engines.single_pass import run_single_pass
 from keras_lsuv.engines.submodel import run_submodel
+from keras_lsuv.options import LSUVOptions
 from keras_lsuv.report import LayerRecord
-from keras_lsuv.rescale import Criterion
 from keras_lsuv.targets import Target
 
 
@@ -25,8 +25,7 @@ class Engine(Protocol):
         model: The model, built.
         batch: The LSUV batch, structured as the model's inputs.
         targets: Every target of the model (`find_targets`); those with a `skip_reason` are left alone.
-        measure: `"preactivation"` or `"output"`.
-        criterion: When a layer is done.
+        options: The run's options (what is measured, when a layer is done).
         on_record: Called once with each measured layer's record, as soon as it is final.
 
     Returns:
@@ -40,8 +39,7 @@ class Engine(Protocol):
         model: keras.Model,
         batch: Any,
         targets: list[Target],
-        measure: str,
-        criterion: Criterion,
+        options: LSUVOptions,
         on_record: Callable[[LayerRecord], None],
     ) -> dict[Target, LayerRecord]: ...
 

@@ -34,10 +34,10 @@ from keras import ops
 
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.interception import intercepted_calls, is_traced
+from keras_lsuv.options import LSUVOptions
 from keras_lsuv.processes import measurements_are_global
 from keras_lsuv.report import LayerRecord
 from keras_lsuv.rescale import (
-    Criterion,
     ScaleLimit,
     find_scale,
     float32_copy,
@@ -59,8 +59,7 @@ def run_single_pass(
     model: keras.Model,
     batch: Any,
     targets: list[Target],
-    measure: str,
-    criterion: Criterion,
+    options: LSUVOptions,
     on_record: Callable[[LayerRecord], None],
 ) -> dict[Target, LayerRecord]:
     """Rescales every target in one forward pass of `batch` (more for layers called several times per pass).
@@ -68,7 +67,7 @@ def run_single_pass(
     Returns:
         Each target's record: the targets in the order the pass first reached them, then the ones it never reached.
     """
-    return _SinglePass(model, batch, targets, measure, criterion, on_record).run()
+    return _SinglePass(model, batch, targets, options, on_record).run()
 
 
 class _Abort(BaseException):
@@ -168,12 +167,11 @@ class _SinglePass:
         model: keras.Model,
         batch: Any,
         targets: list[Target],
-        measure: str,
-        criterion: Criterion,
+        options: LSUVOptions,
         on_record: Callable[[LayerRecord], None],
     ) -> None:
-        self.model, self.batch = model, batch
-        self.measure, self.criterion, self.on_record = measure, criterion, on_record
+        self.model, self.batch, self.on_record = model, batch, on_record
+        self.measure, self.criterion = options.measure, options.criterion
         self.states = [LayerState(t, Status.SKIPPED if t.skip_reason else Status.PENDING) for t in targets]
         self.reached: list[LayerState] = []  # in the order the passes first reached them
         read_biases([t for t in targets if not t.skip_reason])
@@ -283,7 +281,7 @@ class _SinglePass:
         has to be applied to the whole output and the kernel even where it is 1.
         """
         return (
-            self.measure == "preactivation"
+            self.measure.is_affine_in_kernel
             and on_accelerator(preactivation)
             and target.is_linear_in_kernel
             and not target.adds_bias()
@@ -339,7 +337,7 @@ class _SinglePass:
             return scaled if bias is None else ops.add(scaled, ops.multiply(bias, 1.0 - scale))
 
         floor = None  # the least variance of the pre-activation over all scales: the bias may keep it above target
-        if self.measure == "preactivation":
+        if self.measure.is_affine_in_kernel:
             variance_at = _preactivation_variance(z, bias, target.host_bias)
             floor = None if bias is None else _lowest_variance(variance_at)
         else:
@@ -381,7 +379,7 @@ class _SinglePass:
                 with without_activation(layer):
                     latest.update(scale=scale, preactivation=original_call(*args, **kwargs))
             z = latest["preactivation"]
-            return variance(z if self.measure == "preactivation" else activation(z))
+            return variance(self.measure.of(z, activation))
 
         limit = ScaleLimit.of(kernel, original, layer, _output_peak(layer, preactivation))
         with _as_lsuv_error():
@@ -398,9 +396,8 @@ class _SinglePass:
             def call(*args: Any, **kwargs: Any) -> Any:
                 with without_activation(layer) as activation:
                     z = original_call(*args, **kwargs)
-                output = activation(z)
-                measured.append(moments(z if self.measure == "preactivation" else output))
-                return output
+                measured.append(moments(self.measure.of(z, activation)))
+                return activation(z)
 
             return call
 

@@ -13,8 +13,9 @@ from typing import Any
 import keras
 
 from keras_lsuv.inference import inference_mode
+from keras_lsuv.options import LSUVOptions
 from keras_lsuv.report import LayerRecord
-from keras_lsuv.rescale import Criterion, ScaleLimit, find_scale, float32_copy, write_kernel
+from keras_lsuv.rescale import ScaleLimit, find_scale, float32_copy, write_kernel
 from keras_lsuv.statistics import variance
 from keras_lsuv.targets import Target, find_targets, without_activation
 
@@ -23,8 +24,7 @@ def run_submodel(
     model: keras.Model,
     batch: Any,
     targets: list[Target],
-    measure: str,
-    criterion: Criterion,
+    options: LSUVOptions,
     on_record: Callable[[LayerRecord], None],
 ) -> dict[Target, LayerRecord]:
     """Rescales every target by re-running the sub-model that ends at it; returns records in topological order."""
@@ -47,7 +47,7 @@ def run_submodel(
                 )
             elif id(layer) in by_layer:
                 target = by_layer.pop(id(layer))
-                record = records[target] = _rescale_with_submodel(target, graph, graph_batch, measure, criterion)
+                record = records[target] = _rescale_with_submodel(target, graph, graph_batch, options)
                 if not record.skipped:
                     on_record(record)
             elif inside := find_targets(layer):
@@ -78,9 +78,7 @@ def _check_is_graph(model: keras.Model, what: str) -> None:
         )
 
 
-def _rescale_with_submodel(
-    target: Target, graph: keras.Model, graph_batch: Any, measure: str, criterion: Criterion
-) -> LayerRecord:
+def _rescale_with_submodel(target: Target, graph: keras.Model, graph_batch: Any, options: LSUVOptions) -> LayerRecord:
     layer = target.layer
     if target.skip_reason:
         return target.skipped_record()
@@ -92,8 +90,8 @@ def _rescale_with_submodel(
         write_kernel(kernel, original, scale)
         with without_activation(layer) as activation:
             z = submodel(graph_batch, training=False)
-        return variance(z if measure == "preactivation" else activation(z))
+        return variance(options.measure.of(z, activation))
 
-    record = find_scale(target, variance_at, criterion, ScaleLimit.of(kernel, original, layer, 0.0))
+    record = find_scale(target, variance_at, options.criterion, ScaleLimit.of(kernel, original, layer, 0.0))
     write_kernel(kernel, original, record.scale)
     return record

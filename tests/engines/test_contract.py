@@ -6,7 +6,7 @@ import zoo
 
 from keras_lsuv import LSUVReport
 from keras_lsuv.engines import ENGINES
-from keras_lsuv.rescale import Criterion
+from keras_lsuv.options import LSUVOptions
 from keras_lsuv.targets import find_targets
 
 
@@ -29,9 +29,7 @@ def test_an_engine_gives_one_record_per_target_keyed_by_the_target(engine, facto
     before = zoo.kernels_by_layer(model)
     targets = find_targets(model)
     announced = []
-    records = ENGINES[engine](
-        model, keras.ops.convert_to_tensor(x), targets, "preactivation", Criterion(), announced.append
-    )
+    records = ENGINES[engine](model, keras.ops.convert_to_tensor(x), targets, LSUVOptions(), announced.append)
 
     assert sorted(map(id, records)) == sorted(map(id, targets))  # the targets themselves, each once
     assert all(record.layer is target.layer for target, record in records.items())

@@ -18,3 +18,11 @@ def pytest_report_header(config):
 def clear_keras_session():
     # Fresh layer names and global state per test; skipping the full garbage collection saves ~1 s a test on TF.
     keras.backend.clear_session(free_memory=False)
+
+
+@pytest.fixture
+def policy(request):
+    """The global dtype policy `request.param` for one test (parametrize it with indirect=True)."""
+    keras.config.set_dtype_policy(request.param)
+    yield request.param
+    keras.config.set_dtype_policy("float32")

@@ -94,3 +94,16 @@ def test_variables_keep_their_identity_and_the_optimizer_trains_them():
     # One step of SGD moved every weight away from the LSUV values it started from.
     moved = [not np.allclose(a, b) for a, b in zip(zoo.weights_of(model), zoo.weights_of(reference), strict=True)]
     assert all(moved)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16"], indirect=True)
+def test_callback_under_mixed_precision_sets_what_fit_trains_from(policy):
+    model = zoo.small_mlp()
+    x = zoo.scaled_batch(model, 300.0)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    model(x[:2])
+    before = zoo.kernels_by_layer(model)
+    callback = keras_lsuv.LSUVCallback(x, seed=0, verbose=0)
+    model.fit(x, np.zeros((len(x), 4), "float32"), epochs=1, batch_size=len(x), verbose=0, callbacks=[callback])
+    assert callback.report.converged
+    zoo.assert_report_is_true(model, x, callback.report, before)

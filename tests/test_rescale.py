@@ -1,12 +1,16 @@
-"""The paper's stopping rule (`rescale.next_scale`) as a function of numbers: no Keras layer, host and device alike."""
+"""The paper's loop for one layer: its stopping rule (`rescale.next_scale`) as a function of numbers, host and device
+alike; and the scale limits of narrow dtypes, mixed precision and a bias above the target, measured on models."""
 
 import math
+import warnings
 
+import keras
 import numpy as np
 import pytest
+import zoo
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from keras import ops
+from keras import layers, ops
 
 from keras_lsuv.rescale import MIN_RELATIVE_VARIANCE, Criterion, Stop, next_scale
 
@@ -77,3 +81,64 @@ def test_the_device_takes_the_hosts_decision(variance, criterion):
     assert Stop(int(ops.convert_to_numpy(stop))) == host_stop
     if host_stop == Stop.RESCALE:
         assert float(ops.convert_to_numpy(proposed)) == pytest.approx(host_proposed, rel=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
+@pytest.mark.parametrize("factory", [zoo.small_mlp, zoo.small_cnn, zoo.small_attention])
+def test_mixed_precision_rescale_reaches_the_float32_kernels(policy, factory):
+    model = factory()
+    x = zoo.scaled_batch(model, 30.0)
+    report = zoo.initialize_and_check(model, x)
+    assert report.converged
+    compute = policy.split("_")[1]
+    for layer in zoo.target_layers(model):
+        assert all(keras.backend.standardize_dtype(w.dtype) == "float32" for w in layer.trainable_weights)
+    # The kernels are float32 values scaled in float32, not casts of the compute dtype.
+    kernels = np.concatenate([k.ravel() for ks in zoo.kernels_by_layer(model).values() for k in ks])
+    cast = ops.convert_to_numpy(ops.cast(ops.cast(kernels, compute), "float32"))
+    assert np.mean(cast != kernels) > 0.5
+
+
+@pytest.mark.parametrize("policy", ["float16", "mixed_float16"], indirect=True)
+def test_tiny_inputs_never_give_an_infinite_kernel(policy):
+    model = zoo.small_mlp()
+    x = zoo.scaled_batch(model, 1e-5)
+    model(x[:2])
+    before = zoo.kernels_by_layer(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = zoo.run(model, x)
+    zoo.assert_report_is_true(model, x, report, before)
+    assert np.isfinite(ops.convert_to_numpy(model(x))).all()
+    for record in report.records:
+        if not record.converged:
+            assert any(record.name in str(w.message) for w in caught)
+            if "beyond what" in record.reason:
+                assert "float16" in record.reason and "kernel scale" in record.reason
+
+
+def test_float16_kernel_limit_stops_with_a_warning_naming_dtype_and_scale():
+    keras.config.set_dtype_policy("float16")
+    try:
+        model = keras.Sequential([keras.Input((16,)), layers.Dense(4)])
+        x = zoo.scaled_batch(model, 3e-5)  # unit variance needs a scale of ~3e4: kernel entries beyond float16's range
+        model(x[:2])
+        with pytest.warns(UserWarning, match=r"kernel scale of .* beyond what float16 can hold"):
+            report = zoo.run(model, x)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert not report.converged
+    assert np.isfinite(zoo.weights_of(model)[0]).all()
+    assert np.isfinite(ops.convert_to_numpy(model(x))).all()
+
+
+def test_a_bias_above_the_target_keeps_the_kernel_and_says_why():
+    model = keras.Sequential([keras.Input((16,)), layers.Dense(8, activation="relu"), layers.Dense(4)])
+    x = zoo.batch_for(model)
+    model(x[:2])
+    model.layers[0].bias.assign(np.linspace(-3.0, 3.0, 8).astype("float32"))  # variance 3.9 from the bias alone
+    with pytest.warns(UserWarning, match=r"the bias alone gives a variance of 3\.8"):
+        report = zoo.run(model, x)
+    record = report.records[0]
+    assert not record.converged and record.scale == 1.0
+    assert report.records[1].converged

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 
+import keras_lsuv
 from keras_lsuv.targets import TARGET_CLASSES
 
 layers = keras.layers
@@ -194,3 +195,43 @@ def assert_report_is_true(model, x, report, before, tolerance=0.1):
             assert abs(record.final_variance - value) <= 2e-2 * value, f"{record.name}: {record} vs {value}"
     for weight in weights_of(model):
         assert np.isfinite(weight).all()
+
+
+def run(model, x, **options):
+    """`lsuv_init`, silent and seeded unless the options say otherwise: the one way tests run LSUV."""
+    options.setdefault("verbose", 0)
+    options.setdefault("seed", 0)
+    return keras_lsuv.lsuv_init(model, x, **options)
+
+
+def initialize_and_check(model, x, **options):
+    """Runs LSUV and checks the report against the model; returns the report."""
+    model(x[:2])
+    before = kernels_by_layer(model)
+    report = run(model, x, **options)
+    assert_report_is_true(model, x, report, before)
+    return report
+
+
+def small_mlp():
+    return keras.Sequential([keras.Input((16,)), layers.Dense(32, activation="relu"), layers.Dense(4)])
+
+
+def small_cnn():
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            layers.Conv2D(8, 3, activation="relu"),
+            layers.SeparableConv2D(8, 3, activation="relu"),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(4),
+        ]
+    )
+
+
+def small_attention():
+    return transformer_block(seq=4, dim=8)
+
+
+def scaled_batch(model, scale, n=128):
+    return batch_for(model, n=n) * np.float32(scale)

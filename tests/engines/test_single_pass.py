@@ -1,0 +1,245 @@
+"""The single-pass engine on models that test its contract: layers called several times or inside traced
+functions, activations, interceptors left as found, errors raised inside a layer, the device path."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import zoo
+from keras import layers, ops
+
+from keras_lsuv.interception import intercepted_calls
+
+BACKEND = keras.backend.backend()
+
+
+def time_distributed():
+    inputs = keras.Input((5, 8))
+    h = layers.TimeDistributed(layers.Dense(16, activation="relu"))(inputs)
+    return keras.Model(inputs, layers.Dense(3)(layers.Flatten()(h)))
+
+
+def test_time_distributed_is_measured_over_every_step():
+    model = time_distributed()
+    x = zoo.batch_for(model)
+    x[:, 0] *= 0.01  # step 0 alone would ask for a 100x larger kernel
+    report = zoo.initialize_and_check(model, x)
+    assert report.converged
+
+
+class ConcatCell(layers.Layer):
+    """An RNN cell whose step is a target Dense on [input, state]."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.state_size, self.output_size = units, units, units
+        self.dense = layers.Dense(units, activation="tanh")
+
+    def build(self, input_shape):
+        self.dense.build((input_shape[0], input_shape[-1] + self.units))
+
+    def call(self, x, states):
+        h = self.dense(ops.concatenate([x, states[0]], axis=-1))
+        return h, [h]
+
+
+def rnn_model():
+    inputs = keras.Input((5, 8))
+    h = layers.RNN(ConcatCell(16))(inputs)
+    return keras.Model(inputs, layers.Dense(3)(h))
+
+
+class Mapped(keras.Model):
+    """A target applied to each sample by `ops.map` (a `lax.map` on JAX)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = layers.Dense(8, activation="relu")
+        self.head = layers.Dense(3)
+
+    def call(self, x):
+        return self.head(ops.map(lambda row: self.inner(row[None])[0], x))
+
+
+class EagerThenMapped(keras.Model):
+    """One target called eagerly, then on each sample by `ops.map` (traced on JAX)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = layers.Dense(16, activation="tanh")
+        self.head = layers.Dense(3)
+
+    def call(self, x):
+        h = self.inner(x)
+        return self.head(ops.map(lambda row: self.inner(row[None])[0], h))
+
+
+@pytest.mark.parametrize("factory", [rnn_model, Mapped, EagerThenMapped])
+def test_targets_in_loops_are_measured_over_every_call_or_skipped_when_traced(factory):
+    model = factory()
+    shape = (5, 8) if factory is rnn_model else (16,)
+    x = np.random.default_rng(0).normal(size=(32, *shape)).astype("float32")
+    model(x[:2])
+    before = zoo.kernels_by_layer(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = zoo.run(model, x)
+    zoo.assert_report_is_true(model, x, report, before)
+    loop_layer = report.records[0]
+    if BACKEND == "jax":  # lax.scan / lax.map: the layer only ever sees tracers
+        assert loop_layer.skipped and "JAX control flow" in loop_layer.reason
+        assert any("not measured" in str(w.message) and loop_layer.name in str(w.message) for w in caught)
+    else:
+        assert loop_layer.converged
+    assert report.records[-1].converged
+
+
+def test_shared_layer_on_differently_scaled_inputs_is_measured_over_both_calls():
+    inputs = keras.Input((16,))
+    shared = layers.Dense(16, activation="tanh", name="shared")
+    a = shared(inputs)
+    b = shared(layers.Rescaling(50.0)(inputs))
+    model = keras.Model(inputs, layers.Dense(2)(layers.Concatenate()([a, b])))
+    x = zoo.batch_for(model)
+    report = zoo.initialize_and_check(model, x)
+    assert report["shared"].converged
+
+
+@pytest.mark.parametrize("activation", [None, "layer"])
+def test_activation_none_and_layer_activations(activation):
+    first = layers.Dense(32, activation=keras.layers.ReLU() if activation == "layer" else "relu")
+    model = keras.Sequential([keras.Input((16,)), first, layers.Dense(4)])
+    x = zoo.batch_for(model)
+    model(x[:2])
+    if activation is None:
+        first.activation = None  # Keras's Dense.call accepts it
+    assert np.isfinite(ops.convert_to_numpy(model(x))).all()
+    report = zoo.initialize_and_check(model, x)
+    assert report.converged
+    if activation is None:
+        assert first.activation is None
+        assert (ops.convert_to_numpy(first(x)) < 0).any()  # no activation
+    else:
+        assert isinstance(first.activation, keras.layers.ReLU)
+        out = ops.convert_to_numpy(first(x))
+        assert (out >= 0).all() and (out == 0).any()  # the ReLU layer is still applied
+
+
+class VectorizedMapped(keras.Model):
+    """`inner` is only called inside `ops.vectorized_map` (JAX's vmap, TF's pfor, torch's vmap)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = layers.Dense(16, activation="relu")
+        self.inner = layers.Dense(8, activation="relu")
+        self.head = layers.Dense(3)
+
+    def call(self, x):
+        h = self.first(x)
+        return self.head(ops.vectorized_map(lambda row: self.inner(row[None])[0], h))
+
+
+def test_a_layer_called_under_vectorized_map_is_skipped_on_every_backend():
+    model = VectorizedMapped()
+    inner = model.inner
+    x = zoo.batch_for(model)
+    model(x[:2])
+    before = zoo.kernels_by_layer(model)
+    with pytest.warns(UserWarning, match="not measured"):
+        report = zoo.run(model, x)
+    assert report[inner].skipped and "cannot be measured eagerly" in report[inner].reason
+    zoo.assert_report_is_true(model, x, report, before)
+    assert [r.converged for r in report.records if r.layer is not inner] == [True, True]
+
+
+def test_a_users_instance_call_and_attributes_are_left_as_found():
+    model = zoo.small_mlp()
+    layer = model.layers[0]
+    calls = []
+    class_call = layer.call
+
+    def own_call(*args, **kwargs):
+        calls.append(1)
+        return class_call(*args, **kwargs)
+
+    layer.call = own_call
+    state = dict(vars(layer))
+    zoo.run(model, zoo.batch_for(model))
+    assert vars(layer)["call"] is own_call and calls
+    assert set(vars(layer)) == set(state)
+    assert all(vars(layer)[key] is value for key, value in state.items() if key != "_tracker")
+
+
+@pytest.mark.parametrize("where", ["installing", "pass"])
+def test_interrupt_leaves_no_interceptor(where):
+    model = keras.Sequential([keras.Input((16,))] + [layers.Dense(8) for _ in range(4)])
+    x = zoo.batch_for(model)
+    model(x[:2])
+    made = []
+
+    def make_call(layer, call):
+        made.append(layer)
+        if where == "installing" and len(made) == 3:
+            raise KeyboardInterrupt
+
+        def intercepted(*args, **kwargs):
+            if where == "pass" and layer is model.layers[2]:
+                raise KeyboardInterrupt
+            return call(*args, **kwargs)
+
+        return intercepted
+
+    with pytest.raises(KeyboardInterrupt), intercepted_calls(model.layers, make_call):
+        model(x)
+    assert all("call" not in vars(layer) for layer in model.layers)
+
+
+def test_lsuv_error_from_inside_a_layer_reads_as_lsuv_message():
+    class Blowup(layers.Layer):
+        armed = False
+
+        def call(self, x):
+            return x / 0.0 if self.armed else x
+
+    inputs = keras.Input((16,))
+    blowup = Blowup()
+    model = keras.Model(inputs, layers.Dense(4, name="after")(blowup(layers.Dense(16)(inputs))))
+    blowup.armed = True
+    with pytest.raises(ValueError) as error:
+        zoo.run(model, zoo.batch_for(model))
+    message = str(error.value)
+    assert message.startswith("LSUV: layer 'after'") and "Exception encountered" not in message
+
+
+def test_shared_layer_is_processed_once_over_both_calls():
+    model = zoo.Subclassed()
+    x = zoo.batch_for(model)
+    report = zoo.run(model, x)
+    names = [r.name for r in report.records]
+    assert names.count(model.shared.name) == 1
+    assert names == [model.first.name, model.shared.name, model.conv.name, model.head.name]
+    assert report[model.shared.name].converged
+    assert abs(zoo.preactivation_variances(model, x)[model.shared] - 1) < 0.1  # over both calls
+
+
+def test_records_follow_execution_order():
+    model = zoo.residual_cnn()
+    report = zoo.run(model, zoo.batch_for(model))
+    order = [r.class_name for r in report.records]
+    assert order[:4] == ["Conv2D", "SeparableConv2D", "DepthwiseConv2D", "Conv2DTranspose"]
+
+
+def test_custom_call_is_reevaluated_and_converges():
+    class SquashedDense(keras.layers.Dense):
+        """Not linear in its kernel: the closed-form shortcut would be wrong."""
+
+        def call(self, x):
+            return self.activation(keras.ops.tanh(keras.ops.matmul(x, self.kernel)) * 3.0 + self.bias)
+
+    model = keras.Sequential([keras.Input((16,)), SquashedDense(32), SquashedDense(32)])
+    x = zoo.batch_for(model)
+    report = zoo.run(model, x)
+    assert report.converged
+    for value in zoo.preactivation_variances(model, x).values():
+        assert abs(value - 1) < 0.1

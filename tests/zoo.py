@@ -1,5 +1,7 @@
 """Small models of every kind LSUV must handle, and an engine-independent way to check its result."""
 
+import warnings
+
 import keras
 import numpy as np
 
@@ -204,11 +206,22 @@ def run(model, x, **options):
     return keras_lsuv.lsuv_init(model, x, **options)
 
 
-def initialize_and_check(model, x, **options):
-    """Runs LSUV and checks the report against the model; returns the report."""
+def initialize_and_check(model, x, warned=None, **options):
+    """Runs LSUV and checks the report against the model; returns the report.
+
+    Args:
+        warned: A list that receives every warning of the run, if given.
+    """
     model(x[:2])
     before = kernels_by_layer(model)
-    report = run(model, x, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = run(model, x, **options)
+    for warning in caught:
+        if warned is None:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        else:
+            warned.append(warning)
     assert_report_is_true(model, x, report, before)
     return report
 

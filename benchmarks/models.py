@@ -1,4 +1,4 @@
-"""The real models of the benchmark: a GPT-2 block stack in Keras, ResNet50, and an equivalent torch ResNet50.
+"""The models the benchmark measures, and their inputs: conv stacks, a GPT-2 block stack, ResNet50, torch twins.
 
 keras-hub's `GPT2Backbone` is not used: `pip install keras-hub` with the project's constraints pulls
 `tensorflow-text`, which pins the full `tensorflow` package beside the pinned `tensorflow-cpu`. `gpt2` builds the
@@ -12,6 +12,41 @@ torchvision fails to import with torch 2.13.0), so `torch_resnet50` is a hand-wr
 from __future__ import annotations
 
 GPT2_VOCABULARY = 50257
+
+
+def conv_stack(depth, image, batch_norm=False):
+    """`depth` Conv2D(16, 3, relu) layers (or Conv2D, BatchNormalization, ReLU), pooled to 10 logits if BN."""
+    import keras
+
+    layers = [keras.Input(image)]
+    for _ in range(depth):
+        if batch_norm:
+            layers += [
+                keras.layers.Conv2D(16, 3, padding="same", use_bias=False),
+                keras.layers.BatchNormalization(),
+                keras.layers.ReLU(),
+            ]
+        else:
+            layers.append(keras.layers.Conv2D(16, 3, padding="same", activation="relu"))
+    return keras.Sequential(layers)
+
+
+def classifier(depth, image, batch_norm):
+    """`conv_stack` followed by global average pooling and a 10-way Dense, compiled with SGD."""
+    import keras
+
+    model = keras.Sequential(
+        [conv_stack(depth, image, batch_norm), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
+    )
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def inputs(batch, image):
+    """A standard normal float32 batch of `image`-shaped samples (seed 0)."""
+    import numpy as np
+
+    return np.random.default_rng(0).normal(size=(batch, *image)).astype("float32")
 
 
 def gpt2(num_layers, width, num_heads, sequence_length, vocabulary=GPT2_VOCABULARY):
@@ -37,6 +72,7 @@ def gpt2(num_layers, width, num_heads, sequence_length, vocabulary=GPT2_VOCABULA
 
 
 def token_ids(batch, sequence_length, vocabulary=GPT2_VOCABULARY):
+    """Uniform random token ids (seed 0), int32."""
     import numpy as np
 
     return np.random.default_rng(0).integers(0, vocabulary, size=(batch, sequence_length)).astype("int32")
@@ -47,6 +83,16 @@ def resnet50(image_size):
     import keras
 
     return keras.applications.ResNet50(weights=None, input_shape=(image_size, image_size, 3))
+
+
+def torch_conv_stack(depth, channels):
+    """`conv_stack` in torch (NCHW): `depth` Conv2d(16, 3, padding=1) / ReLU pairs on `channels` input channels."""
+    import torch
+
+    layers = []
+    for i in range(depth):
+        layers += [torch.nn.Conv2d(channels if i == 0 else 16, 16, 3, padding=1), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers)
 
 
 def torch_resnet50(blocks=(3, 4, 6, 3), width=64, classes=1000):

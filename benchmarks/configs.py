@@ -1,0 +1,43 @@
+"""The sizes of a run: `FULL` (the page), `GPU` (`--gpu`: the issue's GPU sizes), `QUICK` (`--quick`: tiny models).
+
+`--real-models all` adds `TARGET_BATCHES` to a config's real models.
+"""
+
+from __future__ import annotations
+
+FULL = {
+    "depths": [8, 32, 128],
+    "batch": 64,
+    "image": (32, 32, 8),
+    "applications": {},  # name: batch size, on 32x32x3 inputs, e.g. {"MobileNetV2": 8}
+    # (name, model factory arguments, batch): GPT-2 (layers, width, heads, tokens per sequence); ResNet50 (image).
+    # The small batches of issue 9's table; its target batches (GPT-2 32x128 tokens, ResNet50 batch 64) take too
+    # long for the run on a shared 2-core machine: `--real-models all` adds them.
+    "real_models": [("GPT-2", (12, 768, 12, 128), 4), ("ResNet50", (128,), 16)],
+    "peer_resnet": {"image": 64, "batch": 8, "blocks": (3, 4, 6, 3), "width": 64},
+    "peer_depths": [8, 16],
+    "train_depth": 16,
+    "train_steps": 3,
+    "memory_depth": 32,
+    "initializer_shapes": [(256, 256), (1024, 1024), (4096, 4096), (3, 3, 512, 512)],
+}
+TARGET_BATCHES = [("GPT-2", (12, 768, 12, 128), 32), ("ResNet50", (128,), 64)]
+# scripts/gpu_bench.sh: the issue's GPU sizes (GPT-2 medium 24 x 1024 at 8 x 512 tokens, ResNet50 224² batch 64).
+GPU = {
+    **FULL,
+    "real_models": [("GPT-2", (24, 1024, 16, 512), 8), ("ResNet50", (224,), 64)],
+    "peer_resnet": {"image": 224, "batch": 64, "blocks": (3, 4, 6, 3), "width": 64},
+}
+QUICK = {
+    "depths": [2, 4],
+    "batch": 4,
+    "image": (8, 8, 3),
+    "applications": {},
+    "real_models": [("GPT-2", (2, 64, 4, 16), 2)],
+    "peer_resnet": {"image": 32, "batch": 2, "blocks": (1, 1, 1, 1), "width": 8},
+    "peer_depths": [2, 4],
+    "train_depth": 2,
+    "train_steps": 1,
+    "memory_depth": 4,
+    "initializer_shapes": [(64, 64), (3, 3, 16, 16)],
+}

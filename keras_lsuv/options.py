@@ -83,6 +83,12 @@ class LSUVOptions:
             2: the table only; 0: silent.
         num_samples: How many samples of `x` to use (default 256): arrays are
             sliced, iterables are read batch by batch until there are enough.
+        scale_on_device: Where the single-pass engine finds the scale of a
+            layer whose pre-activation variance follows from one variance
+            (float32, no bias): `None` (default) on the device on an
+            accelerator (nothing is read back until the pass ends) and on the
+            host on a CPU (where a read-back is free); `True` or `False` forces
+            one way (to compare them, or to test the device path on a CPU).
 
     Raises:
         ValueError: Naming the first bad option and the value it got.
@@ -98,6 +104,7 @@ class LSUVOptions:
     force: bool = False
     verbose: str | int = "auto"
     num_samples: int = DEFAULT_NUM_SAMPLES
+    scale_on_device: bool | None = None
 
     def __post_init__(self) -> None:
         # Imported here: the engines read their options from this module.
@@ -118,6 +125,8 @@ class LSUVOptions:
         for name in ("orthonormal", "force"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}.")
+        if not (self.scale_on_device is None or isinstance(self.scale_on_device, (bool, np.bool_))):
+            raise ValueError(f"scale_on_device must be None, True or False; got {self.scale_on_device!r}.")
         verbose = self.verbose
         is_level = _is_integer(verbose) and verbose in (0, 1, 2)
         if not (isinstance(verbose, (bool, np.bool_)) or (isinstance(verbose, str) and verbose == "auto") or is_level):
@@ -134,6 +143,8 @@ class LSUVOptions:
         object.__setattr__(self, "measure", Measure(self.measure))
         for name in ("orthonormal", "force"):
             object.__setattr__(self, name, bool(getattr(self, name)))
+        if self.scale_on_device is not None:
+            object.__setattr__(self, "scale_on_device", bool(self.scale_on_device))
 
     @property
     def criterion(self) -> Criterion:

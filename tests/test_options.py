@@ -41,6 +41,8 @@ BAD = [
     ("engine", "fast"),
     ("verbose", 3),
     ("verbose", "yes"),
+    ("scale_on_device", "yes"),
+    ("scale_on_device", 1),
 ]
 
 

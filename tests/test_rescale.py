@@ -11,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from keras import layers, ops
 
-from keras_lsuv.rescale import MIN_RELATIVE_VARIANCE, Criterion, Stop, next_scale
+from keras_lsuv.rescale import (
+    MIN_RELATIVE_VARIANCE,
+    Criterion,
+    Stop,
+    find_scale,
+    next_scale,
+    unit_scale,
+    unit_scale_record,
+)
+from keras_lsuv.targets import Target
 
 criteria = st.builds(
     Criterion,
@@ -137,3 +146,39 @@ def test_a_bias_above_the_target_keeps_the_kernel_and_says_why():
     record = report.records[0]
     assert not record.converged and record.scale == 1.0
     assert report.records[1].converged
+
+
+VARIANCES = [0.0, 1e-15, 1e-9, 0.5, 0.9, 0.95, 1.05, 1.2, 7.0, 1e8]
+CRITERIA = [Criterion(), Criterion(target_variance=2.0, tolerance=0.01), Criterion(max_iterations=0)]
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("variance", VARIANCES)
+def test_unit_scale_makes_the_choice_of_the_loop(variance, criterion):
+    target = Target(layers.Dense(2, name="dense"))
+    variance = float(np.float32(variance))  # as measured on the device
+    expected = find_scale(target, lambda s: s * s * variance, criterion)
+    scale, stop = (
+        float(ops.convert_to_numpy(v)) for v in unit_scale(ops.convert_to_tensor(np.float32(variance)), criterion)
+    )
+    record = unit_scale_record(target, variance, scale, stop, criterion)
+    assert record.scale == pytest.approx(expected.scale, rel=1e-6)
+    assert record.final_variance == pytest.approx(expected.final_variance, rel=1e-6)
+    assert (record.iterations, record.converged, record.reason) == (
+        expected.iterations,
+        expected.converged,
+        expected.reason,
+    )
+
+
+@pytest.mark.parametrize(
+    ("variance", "message"),
+    [(math.nan, "'dense' .* produced non-finite values"), (math.inf, "'dense' .* overflowed float32")],
+)
+def test_non_finite_variance_is_not_rescaled_and_its_record_raises(variance, message):
+    scale, stop = (
+        float(ops.convert_to_numpy(v)) for v in unit_scale(ops.convert_to_tensor(np.float32(variance)), Criterion())
+    )
+    assert scale == 1.0 and stop == Stop.NOT_FINITE
+    with pytest.raises(ValueError, match=message):
+        unit_scale_record(Target(layers.Dense(2, name="dense")), variance, scale, stop, Criterion())

@@ -1,8 +1,9 @@
 import keras
 import numpy as np
 import pytest
+from keras import ops
 
-from keras_lsuv.statistics import moments, variance
+from keras_lsuv.statistics import moments, on_accelerator, variance
 
 
 def sample(shape, seed, loc=0.0):
@@ -53,3 +54,20 @@ def test_non_finite_values_give_non_finite_variance():
     z = sample((8, 4), 5)
     z[3, 1] = np.nan
     assert not np.isfinite(variance(keras.ops.convert_to_tensor(z)))
+
+
+def test_on_accelerator_says_where_the_backend_computes():
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        expected = jax.default_backend() != "cpu"
+    elif backend == "torch":
+        import torch
+
+        expected = torch.cuda.is_available()
+    else:
+        import tensorflow as tf
+
+        expected = bool(tf.config.list_logical_devices("GPU"))
+    assert on_accelerator(ops.ones((2, 3))) is expected

@@ -171,7 +171,7 @@ class _SinglePass:
         on_record: Callable[[LayerRecord], None],
     ) -> None:
         self.model, self.batch, self.on_record = model, batch, on_record
-        self.measure, self.criterion = options.measure, options.criterion
+        self.measure, self.criterion, self.scale_on_device = options.measure, options.criterion, options.scale_on_device
         self.states = [LayerState(t, Status.SKIPPED if t.skip_reason else Status.PENDING) for t in targets]
         self.reached: list[LayerState] = []  # in the order the passes first reached them
         read_biases([t for t in targets if not t.skip_reason])
@@ -274,15 +274,15 @@ class _SinglePass:
             raise abort.error from None
 
     def _scales_on_device(self, target: Target, preactivation: Any) -> bool:
-        """Whether `unit_scale` rescales the layer: on an accelerator, pre-activation `s·z` without bias, float32, and
-        nothing to merge.
+        """Whether `unit_scale` rescales the layer: on an accelerator (or as `LSUVOptions.scale_on_device` says),
+        pre-activation `s·z` without bias, float32, and nothing to merge.
 
         On a CPU the host loop is cheaper: reading the variance back costs nothing there, while the device's scale
         has to be applied to the whole output and the kernel even where it is 1.
         """
         return (
             self.measure.is_affine_in_kernel
-            and on_accelerator(preactivation)
+            and (on_accelerator(preactivation) if self.scale_on_device is None else self.scale_on_device)
             and target.is_linear_in_kernel
             and not target.adds_bias()
             and variable_dtype(target.scaled_kernel) == "float32"

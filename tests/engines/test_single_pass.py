@@ -7,7 +7,12 @@ import pytest
 import zoo
 from keras import layers, ops
 
+import keras_lsuv
+from benchmarks.harness import counted_host_reads
+from keras_lsuv.engines import single_pass
 from keras_lsuv.interception import intercepted_calls
+from keras_lsuv.options import LSUVOptions
+from keras_lsuv.targets import find_targets
 
 BACKEND = keras.backend.backend()
 
@@ -237,3 +242,98 @@ def test_custom_call_is_reevaluated_and_converges():
     assert report.converged
     for value in zoo.preactivation_variances(model, x).values():
         assert abs(value - 1) < 0.1
+
+
+# The device path (on an accelerator: float32, no bias, pre-activation), forced here by `scale_on_device=True`, so that
+# it runs on a CPU too: the same operations that run on a GPU. The scale is found on the device and read back once per
+# pass: the same result as the paper's loop on the host, and errors raised for the first failing layer in order.
+ON_DEVICE = LSUVOptions(scale_on_device=True)
+
+
+@pytest.mark.parametrize("factory", [zoo.deep_mlp, zoo.residual_cnn, zoo.transformer_block, zoo.Subclassed])
+def test_device_and_host_loop_give_the_same_kernels_and_records(factory):
+    model = factory()
+    x = zoo.batch_for(model)
+    model(x[:2])
+    start, before = zoo.weights_of(model), zoo.kernels_by_layer(model)
+    on_device = zoo.run(model, x, scale_on_device=True)
+    zoo.assert_report_is_true(model, x, on_device, before)  # measured on the model, every call of each layer
+    after_device = zoo.weights_of(model)
+    for weight, value in zip(model.weights, start, strict=True):
+        weight.assign(value)
+    on_host = zoo.run(model, x, scale_on_device=False)
+    for a, b in zip(after_device, zoo.weights_of(model), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert [r.name for r in on_device.records] == [r.name for r in on_host.records]
+    for a, b in zip(on_device.records, on_host.records, strict=True):
+        assert (a.iterations, a.converged, a.reason) == (b.iterations, b.converged, b.reason), a.name
+        assert a.initial_variance == pytest.approx(b.initial_variance, rel=1e-5), a.name
+        assert a.final_variance == pytest.approx(b.final_variance, rel=1e-5), a.name
+
+
+def test_a_fresh_model_is_rescaled_with_one_read_back_per_pass():
+    model = keras.Sequential(
+        [keras.Input((8, 8, 3))]
+        + [layers.Conv2D(8, 3, padding="same", activation="relu") for _ in range(6)]
+        + [layers.Flatten(), layers.Dense(16, activation="relu"), layers.Dense(4)]
+    )
+    x = zoo.batch_for(model)
+    model(x[:2])
+    before = zoo.kernels_by_layer(model)
+    targets = find_targets(model)
+    with counted_host_reads() as reads:
+        records = single_pass.run_single_pass(model, x, targets, ON_DEVICE, lambda _: None)
+    # One read of every bias (LSUV never changes them), one of every layer's variance, scale and code, after the pass.
+    assert reads == [(8 * 6 + 16 + 4,), (3 * len(targets),)]
+    report = keras_lsuv.LSUVReport(records=list(records.values()))
+    assert list(records) == targets and all(record.layer is t.layer for t, record in records.items())
+    assert report.converged
+    assert all(r.iterations <= 1 for r in report.records) and any(r.iterations == 1 for r in report.records)
+    zoo.assert_report_is_true(model, x, report, before)
+
+
+def test_layers_with_a_bias_read_the_device_layers_before_them_back():
+    model = zoo.deep_mlp(depth=4)
+    model.layers[2].bias.assign(np.full((32,), 0.5, "float32"))  # this one goes through the host loop
+    x = zoo.batch_for(model)
+    model(x[:2])
+    before, targets = zoo.kernels_by_layer(model), find_targets(model)
+    with counted_host_reads() as reads:
+        records = single_pass.run_single_pass(model, x, targets, ON_DEVICE, lambda _: None)
+    # Biases; then, at the biased layer, the two device layers before it and the layer's own moments; then the rest.
+    assert reads == [(32 * 4 + 10,), (6,), (2, 32), (6,)]
+    zoo.assert_report_is_true(model, x, keras_lsuv.LSUVReport(records=list(records.values())), before)
+
+
+class Poison(layers.Layer):
+    """Turns its input non-finite once armed."""
+
+    armed = False
+
+    def call(self, x):
+        return x / 0.0 if self.armed else x
+
+
+class OwnCall(layers.Dense):
+    """A Dense with a `call` of its own: rescaled by re-evaluation, on the host."""
+
+    def call(self, x):
+        return super().call(x)
+
+
+@pytest.mark.parametrize("after_kind", ["device", "bias", "own_call"])
+def test_the_first_non_finite_layer_is_named_and_every_weight_restored(after_kind):
+    inputs = keras.Input((16,))
+    h = layers.Dense(16, activation="relu", name="fine")(inputs)
+    poison = Poison()
+    h = layers.Dense(16, activation="relu", name="first_bad")(poison(h))
+    after = (OwnCall if after_kind == "own_call" else layers.Dense)(4, name="after")
+    model = keras.Model(inputs, after(h))
+    if after_kind == "bias":  # the host loop measures 'after' non-finite too, before the pass ends
+        after.bias.assign(np.ones((4,), "float32"))
+    poison.armed = True
+    before = zoo.weights_of(model)
+    with pytest.raises(ValueError, match="layer 'first_bad' .* non-finite"):
+        zoo.run(model, zoo.batch_for(model), force=True, scale_on_device=True)
+    for a, b in zip(before, zoo.weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)

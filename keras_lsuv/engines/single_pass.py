@@ -104,6 +104,7 @@ class LayerState:
     Args:
         target: The target.
         status: Where it stands.
+        multi_call: Whether a pass called it several times (then it was rescaled by passes).
         calls: How many times the current pass has called it.
         original: Its scaled kernel as step 1 left it, in float32, read outside any autocast scope when the layer is
             first processed and dropped once final, so at most one pass's tentative layers hold a copy.
@@ -113,6 +114,7 @@ class LayerState:
 
     target: Target
     status: Status
+    multi_call: bool = False
     calls: int = 0
     original: Any = dataclasses.field(default=None, repr=False)
     record: LayerRecord | None = None
@@ -180,6 +182,8 @@ class _SinglePass:
         while (cause := self._inline_pass()) is not None:
             if cause.status is Status.MULTI_CALL:
                 self._finish(cause, self._rescale_by_passes(cause))
+        if any(state.multi_call for state in self.states):
+            self._settle()
         records = {}
         for state in self.reached:
             if state.status is Status.FINAL and state.record is not None:
@@ -209,7 +213,7 @@ class _SinglePass:
                 state.status = Status.TRACED
                 this_pass.halt(state)
             elif state.calls > 1:
-                state.status = Status.MULTI_CALL
+                state.status, state.multi_call = Status.MULTI_CALL, True
                 this_pass.halt(state)
             elif this_pass.halted:
                 pass  # after a halt nothing is final: leave it to the next pass
@@ -261,6 +265,71 @@ class _SinglePass:
                     state.target, float(variance), float(scale), float(stop), self.criterion
                 )
                 state.on_device = None
+
+    def _settle(self) -> None:
+        """Makes the records of a model with layers called several times per pass true of the model as it ends.
+
+        Such a layer can feed its own later calls through layers rescaled after it: a block shared along a chain
+        (ALBERT calls one transformer layer once per layer of depth), or a layer between two calls of a shared one.
+        Rescaling those later layers moves the variance it was rescaled to, and the one of every layer in between.
+        So every final layer is measured again over all its calls in one forward pass; those that were converged
+        and have left the tolerance are rescaled again, in processing order, by passes (a Gauss-Seidel sweep of the
+        paper's loop); at most `max_iterations` sweeps. Each record then gives the variance measured last.
+        """
+        goal, tolerance = self.criterion.target_variance, self.criterion.tolerance
+        sweeps = 0
+        while True:
+            measured = self._measure_final_layers()
+            moved = [
+                state
+                for state in self.reached
+                if state in measured
+                and state.record is not None
+                and state.record.converged
+                and abs(measured[state] - goal) >= tolerance
+            ]
+            if not moved or sweeps >= self.criterion.max_iterations:
+                break
+            sweeps += 1
+            for state in moved:
+                state.original = None  # rescaled from its kernel as it is now
+                again = self._rescale_by_passes(state)
+                state.original = None
+                assert state.record is not None
+                state.record = dataclasses.replace(
+                    state.record,
+                    scale=state.record.scale * again.scale,
+                    iterations=state.record.iterations + again.iterations,
+                )
+        for state, value in measured.items():
+            record = state.record
+            assert record is not None
+            converged = abs(value - goal) < tolerance
+            reason = record.reason
+            if record.converged and not converged:
+                reason = (
+                    f"its variance moves to {value:.3g} as layers after it are rescaled (a layer feeding its own later "
+                    f"calls, such as a block shared along a chain): not within tolerance after {sweeps} sweeps"
+                )
+            state.record = dataclasses.replace(record, final_variance=value, converged=converged, reason=reason)
+
+    def _measure_final_layers(self) -> dict[LayerState, float]:
+        """Each final layer's measured variance over all its eager calls, in one plain forward pass."""
+        final = {state.target.layer: state for state in self.states if state.status is Status.FINAL}
+        measured: dict[LayerState, list[Moments]] = {state: [] for state in final.values()}
+
+        def make_call(layer: keras.layers.Layer, original_call: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                with without_activation(layer) as activation:
+                    z = original_call(*args, **kwargs)
+                if not is_traced((args, kwargs)):
+                    measured[final[layer]].append(moments(self.measure.of(z, activation)))
+                return activation(z)
+
+            return call
+
+        self._forward(list(final), make_call)
+        return {state: _merged(stats).variance() for state, stats in measured.items() if stats}
 
     def _finish(self, state: LayerState, record: LayerRecord) -> None:
         state.status, state.record, state.original = Status.FINAL, record, None
@@ -405,15 +474,20 @@ class _SinglePass:
             write_kernel(kernel, original, scale)
             measured.clear()
             self._forward([layer], make_call)
-            total: Moments = measured[0]
-            for stats in measured[1:]:
-                total = total.merge(stats)
-            return total.variance()
+            return _merged(measured).variance()
 
         measured: list[Moments] = []
         record = find_scale(target, variance_at, self.criterion, ScaleLimit.of(kernel, original, layer, 0.0))
         write_kernel(kernel, original, record.scale)
         return record
+
+
+def _merged(stats: list[Moments]) -> Moments:
+    """The moments of every call together."""
+    total = stats[0]
+    for more in stats[1:]:
+        total = total.merge(more)
+    return total
 
 
 def _preactivation_variance(z: Any, bias: Any, offsets: np.ndarray | None) -> Callable[[float], float]:

@@ -13,12 +13,15 @@ MIN := build/min
 MIN_BACKEND := jax
 
 .PHONY: demo test lint typecheck docs unit distribution multiprocess package test-min report-figure bench-quick \
-	bench study-quick study clean
+	bench study-quick study sweep clean
 
-$(STAMP): setup.cfg pyproject.toml requirements/dev.txt requirements/constraints.txt
+$(STAMP): setup.cfg pyproject.toml requirements/dev.txt requirements/sweep.txt requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -c requirements/constraints.txt -r requirements/dev.txt
+	# keras-hub (tests/sweep) without its declared dependencies, which would pull a second TensorFlow (the full
+	# tensorflow, through tensorflow-text) beside tensorflow-cpu; requirements/sweep.txt lists what it imports.
+	$(BIN)/python -m pip install --no-deps -c requirements/constraints.txt -r requirements/sweep.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -89,6 +92,17 @@ test-min: $(STAMP)
 		print('test-min: keras', keras.__version__, 'numpy', numpy.__version__, 'on', keras.backend.backend())"
 	KERAS_BACKEND=$(MIN_BACKEND) $(MIN)/bin/python -m pytest tests -p no:cacheprovider -q \
 		--ignore=tests/distribution --ignore=tests/multiprocess --ignore=tests/test_data.py --ignore=tests/test_examples.py
+
+# tests/sweep in full: every model on every backend, fit compiled (`make test` runs a slice: each model on one
+# backend), then the "Models tested" table of docs/guide.md rendered from the results in build/sweep.
+sweep: $(STAMP)
+	@rm -rf build/sweep; failed=""; for backend in $(BACKENDS); do \
+		echo "=== sweep, KERAS_BACKEND=$$backend"; \
+		LSUV_SWEEP=full LSUV_SWEEP_RESULTS=build/sweep/$$backend.json KERAS_BACKEND=$$backend \
+			$(BIN)/python -m pytest tests/sweep -p no:cacheprovider -q || failed="$$failed $$backend"; \
+	done; \
+	$(BIN)/python scripts/sweep_table.py build/sweep docs/guide.md; \
+	if [ -n "$$failed" ]; then echo "FAILED backends:$$failed"; exit 1; fi
 
 # Rewrites docs/img/report.png, the LSUVReport.plot() figure of docs/guide.md.
 report-figure: $(STAMP)

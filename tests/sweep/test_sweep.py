@@ -1,0 +1,377 @@
+"""The sweep: LSUV on models others wrote, each checked against the model by the independent oracle of `zoo`.
+
+Every case runs `lsuv_init` (the report re-measured over every call of every target, weights finite, every other
+weight bit-identical, no instance attribute left on any layer) and `LSUVCallback` in a `fit` of one step
+(the report re-measured when training begins).
+
+`make test` runs the fast slice: each case on one backend (`FAST_BACKEND`), its `fit` run eagerly (the callback runs
+as in a compiled `fit`; only the training step is not compiled, which would cost seconds per model).
+`LSUV_SWEEP=full` (`make sweep`) runs every case on the process's backend with a compiled `fit`, and with
+`LSUV_SWEEP_RESULTS=path` writes each case's results there as JSON, from which `scripts/sweep_table.py` renders
+the "Models tested" table of docs/guide.md.
+
+Without keras-hub (`make test-min`) the keras-hub cases skip.
+"""
+
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import warnings
+
+import keras
+import keras_io_models
+import numpy as np
+import pytest
+import zoo
+
+import keras_lsuv
+
+BACKEND = keras.backend.backend()
+BACKENDS = ("tensorflow", "jax", "torch")
+FULL = os.environ.get("LSUV_SWEEP") == "full"
+RESULTS = os.environ.get("LSUV_SWEEP_RESULTS")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A model of the sweep.
+
+    Args:
+        name: The family or example, as the docs table shows it.
+        source: `"keras-hub"` (a backbone of `hub_models`) or `"keras.io"` (a model of `keras_io_models`).
+        builder: The builder's name in its module.
+        limits: What LSUV does not do on this model, for the docs.
+        unmeasured: Skip reasons (a part of each) of the targets LSUV leaves alone, with how many, on every
+            backend; `jax_unmeasured` adds those of JAX alone.
+        xfail: Test (`"init"` or `"fit"`) -> the keras_lsuv defect that breaks it: the test is marked
+            `xfail(strict=True)`, so it fails once the defect is fixed and the mark must go. None at present.
+        fit_skip: Backend -> why `fit` itself fails there, with or without LSUV.
+    """
+
+    name: str
+    source: str
+    builder: str
+    limits: str = ""
+    unmeasured: dict = dataclasses.field(default_factory=dict)
+    jax_unmeasured: dict = dataclasses.field(default_factory=dict)
+    xfail: dict = dataclasses.field(default_factory=dict)
+    fit_skip: dict = dataclasses.field(default_factory=dict)
+
+
+def hub(name, builder, **details):
+    return Case(name, "keras-hub", builder, **details)
+
+
+def keras_io(name, builder, **details):
+    return Case(name, "keras.io", builder, **details)
+
+
+CASES = [
+    hub("GPT-2", "gpt2"),
+    hub("Llama", "llama"),
+    hub("Mistral", "mistral"),
+    hub(
+        "Mixtral",
+        "mixtral",
+        limits="the experts' kernels are weights of one MixtralMoeExperts layer (an einsum over experts), not Dense "
+        "layers: LSUV does not reach them; the router and the attention projections are rescaled",
+    ),
+    hub("Gemma", "gemma"),
+    hub("Phi-3", "phi3"),
+    hub("Qwen", "qwen"),
+    hub("Falcon", "falcon"),
+    hub("OPT", "opt"),
+    hub("BLOOM", "bloom"),
+    hub("BERT", "bert"),
+    hub(
+        "BERT, last layer frozen",
+        "bert_frozen_top",
+        limits="the frozen layer's 6 projections are skipped; they share their names with the first layer's, which "
+        "are rescaled",
+        unmeasured={"frozen": 6},
+    ),
+    hub("RoBERTa", "roberta"),
+    hub("DeBERTa-v3", "deberta_v3"),
+    hub("DistilBERT", "distil_bert"),
+    hub("ELECTRA", "electra"),
+    hub("ALBERT", "albert"),
+    hub("T5", "t5"),
+    hub("BART", "bart"),
+    hub("Whisper", "whisper"),
+    hub("ViT", "vit"),
+    hub("DeiT", "deit"),
+    hub("DINOv2", "dinov2"),
+    hub("ResNet", "resnet"),
+    hub(
+        "EfficientNet",
+        "efficientnet",
+        limits="the first block's squeeze-and-excite convs exist with a ratio of 0 but are never called: skipped",
+        unmeasured={"never built": 2},
+    ),
+    hub("MobileNet", "mobilenet"),
+    hub("DenseNet", "densenet"),
+    hub("CSPNet", "cspnet"),
+    hub("VGG", "vgg"),
+    hub("CLIP", "clip"),
+    hub(
+        "SAM",
+        "sam",
+        limits="on JAX the mask prompt's convs run inside `ops.cond` (JAX control flow) and are left as they were",
+        jax_unmeasured={"JAX control flow": 3},
+        fit_skip=dict.fromkeys(BACKENDS, "keras-hub's SAMImageSegmenter only supports inference (fit raises)"),
+    ),
+    hub("SegFormer", "segformer"),
+    keras_io("ConvMixer", "convmixer"),
+    keras_io("MLP-Mixer", "mlp_mixer"),
+    keras_io("FNet", "fnet"),
+    keras_io("gMLP", "gmlp"),
+    keras_io("ViT (keras.io)", "vit"),
+    keras_io("Text transformer", "text_transformer"),
+    keras_io("Timeseries transformer", "timeseries_transformer"),
+    keras_io(
+        "U-Net",
+        "unet",
+        fit_skip={
+            "torch": "Keras's torch sparse_categorical_crossentropy on per-pixel outputs fails in the backward pass "
+            "(RuntimeError: grad_input must be contiguous), with or without LSUV"
+        },
+    ),
+    keras_io(
+        "VAE",
+        "vae",
+        limits="the sampling layer draws new noise at every call: the decoder is scaled on the draw LSUV's pass saw "
+        "(the sweep replays it to check the report)",
+    ),
+    keras_io(
+        "Char-RNN",
+        "char_rnn",
+        limits="LSTM kernels are not rescaled (not a target class); the Dense head is",
+    ),
+    keras_io(
+        "Bidirectional LSTM",
+        "bidirectional_lstm",
+        limits="LSTM kernels are not rescaled (not a target class); the Dense head is",
+    ),
+    keras_io("MNIST convnet", "mnist_convnet"),
+    keras_io("Tabular", "tabular"),
+    keras_io("Seq2seq transformer", "seq2seq_transformer"),
+]
+
+
+# The fast slice runs each case on one backend. JAX runs eager code op by op, compiling each op for each new shape:
+# a model costs it 5 to 40 s where TensorFlow and torch take 1 to 3 s. So JAX gets the transformer encoders, which
+# share their shapes (the first pays for the others), and two small keras.io models; the other cases alternate
+# between TensorFlow and torch in the order of `CASES`.
+JAX_SLICE = ("BERT", "RoBERTa", "DistilBERT", "ELECTRA", "BART", "FNet", "Tabular")
+OTHERS = [case.name for case in CASES if case.name not in JAX_SLICE]
+FAST_BACKEND = {
+    **dict.fromkeys(JAX_SLICE, "jax"),
+    **{name: ("tensorflow", "torch")[i % 2] for i, name in enumerate(OTHERS)},
+}
+
+
+def params(kind):
+    return [
+        pytest.param(case, id=case.name, marks=[pytest.mark.xfail(strict=True, reason=case.xfail[kind])])
+        if kind in case.xfail
+        else pytest.param(case, id=case.name)
+        for case in CASES
+        if FULL or FAST_BACKEND[case.name] == BACKEND
+    ]
+
+
+def build(case):
+    """The case's model, inputs and `fit` targets; keras-hub backbones are compiled to regress to zeros."""
+    if case.source == "keras.io":
+        return getattr(keras_io_models, case.builder)()
+    if importlib.util.find_spec("keras_hub") is None:  # `make test-min`'s environment
+        pytest.skip("keras-hub is not installed")
+    model, x = getattr(importlib.import_module("hub_models"), case.builder)()
+    y = keras.tree.map_structure(lambda t: np.zeros(t.shape, "float32"), model(x, training=False))
+    model.compile(optimizer="adam", loss="mse")
+    return model, x, y
+
+
+@pytest.fixture(scope="module")
+def results():
+    """Each test's results, written to `LSUV_SWEEP_RESULTS` (JSON) when the module is done."""
+    found = []
+    yield found
+    if RESULTS:
+        os.makedirs(os.path.dirname(RESULTS) or ".", exist_ok=True)
+        with open(RESULTS, "w") as file:
+            json.dump(found, file, indent=1)
+
+
+@contextlib.contextmanager
+def recorded(results, case, kind):
+    """Yields this test's entry of `results` (case, backend, test) and adds how the test ended to it."""
+    entry = {"case": case.name, "source": case.source, "backend": BACKEND, "test": kind, "limits": case.limits}
+    try:
+        yield entry
+    except pytest.skip.Exception as skip:
+        entry.update(outcome="skipped", reason=skip.msg)
+        results.append(entry)
+        raise
+    except BaseException as error:
+        known = case.xfail.get(kind)
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        entry.update(
+            outcome="xfailed" if known else "failed", xfail=known, error=f"{type(error).__name__}: {first_line}"
+        )
+        results.append(entry)
+        raise
+    # A test marked xfail that passes fails the run (strict): its defect is fixed and the mark must go.
+    entry["outcome"] = "xpassed" if kind in case.xfail else "passed"
+    results.append(entry)
+
+
+def sub_layers(model):
+    return list(model._flatten_layers(include_self=True, recursive=True))
+
+
+def attribute_names(model):
+    return {id(layer): (layer, set(vars(layer))) for layer in sub_layers(model)}
+
+
+def assert_no_attribute_left(before):
+    for layer, names in before.values():
+        assert set(vars(layer)) == names, f"{layer.name}: instance attributes {set(vars(layer)) ^ names} changed"
+
+
+def _kernels_of(layer):
+    return [layer.depthwise_kernel, layer.pointwise_kernel] if hasattr(layer, "pointwise_kernel") else [layer.kernel]
+
+
+def other_weights(model):
+    """Every weight but the target kernels, copied, by variable."""
+    kernels = {id(k) for layer in zoo.target_layers(model) if layer.built for k in _kernels_of(layer)}
+    return {id(w): (w, np.array(keras.ops.convert_to_numpy(w))) for w in model.weights if id(w) not in kernels}
+
+
+def seed_states(model):
+    """The states of the seed generators of layers that draw noise in inference too (the VAE's sampling layer).
+
+    LSUV's forward pass advances them as any forward pass does; putting them back before the oracle's pass replays
+    the noise LSUV measured on.
+    """
+    return [(v, keras.ops.copy(v.value)) for v in model.variables if "seed_generator_state" in v.path]
+
+
+def replay(states):
+    for variable, value in states:
+        variable.assign(value)
+
+
+def untargeted_kernels(model):
+    """Class name -> count of the trainable weights of 2 or more dimensions that are not a target layer's.
+
+    Embeddings (weights whose path names one: token, position and prompt embeddings) are left out: a lookup or an
+    added table, not a linear map of the input. A weight counts for the innermost layer holding it.
+    """
+    owner = {}
+    for layer in reversed(sub_layers(model)):  # descendants come after their ancestors in Keras's walk
+        for weight in layer.trainable_weights:
+            owner.setdefault(id(weight), type(layer).__name__)
+    in_targets = {id(w) for layer in zoo.target_layers(model) for w in layer.weights}  # kernels and biases
+    found = {}
+    for weight in model.trainable_weights:
+        if id(weight) not in in_targets and len(weight.shape) >= 2 and "embed" not in weight.path.lower():
+            found[owner[id(weight)]] = found.get(owner[id(weight)], 0) + 1
+    return found
+
+
+def expected_unmeasured(case):
+    return {**case.unmeasured, **(case.jax_unmeasured if BACKEND == "jax" else {})}
+
+
+def unmeasured_by_reason(report, case):
+    """How many skipped records each expected reason covers; a reason no expectation names counts as itself."""
+    found = {}
+    for record in report.records:
+        if record.skipped:
+            key = next((part for part in expected_unmeasured(case) if part in record.reason), record.reason)
+            found[key] = found.get(key, 0) + 1
+    return found
+
+
+@pytest.mark.parametrize("case", params("init"))
+def test_lsuv_init(case, results):
+    with recorded(results, case, "init") as result:
+        _check_lsuv_init(case, result)
+
+
+def _check_lsuv_init(case, result):
+    model, x, _ = build(case)
+    model(x, training=False)
+    before = zoo.kernels_by_layer(model)
+    attributes = attribute_names(model)
+    others = other_weights(model)
+    draws = seed_states(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the not-measured and did-not-converge warnings are in the report
+        report = keras_lsuv.lsuv_init(model, x, seed=0, verbose=0)
+    measured = [r for r in report.records if not r.skipped]
+    result.update(
+        targets=len(report.records),
+        measured=len(measured),
+        converged=sum(r.converged for r in measured),
+        unmeasured=unmeasured_by_reason(report, case),
+        untargeted=untargeted_kernels(model),
+    )
+    assert_no_attribute_left(attributes)
+    for weight, value in others.values():
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(weight), value, err_msg=weight.path)
+    replay(draws)
+    zoo.assert_report_is_true(model, x, report, before)
+    assert result["unmeasured"] == expected_unmeasured(case)
+    assert measured and result["converged"] == len(measured)
+
+
+class CheckWhenTrainingBegins(keras.callbacks.Callback):
+    """Runs `check(model)` in `on_train_begin`, after the callbacks listed before it."""
+
+    def __init__(self, check):
+        super().__init__()
+        self.check = check
+
+    def on_train_begin(self, logs=None):
+        self.check(self.model)
+
+
+@pytest.mark.parametrize("case", params("fit"))
+def test_callback_in_fit(case, results):
+    with recorded(results, case, "fit") as result:
+        _check_callback_in_fit(case, result)
+
+
+def _check_callback_in_fit(case, result):
+    if BACKEND in case.fit_skip:
+        pytest.skip(case.fit_skip[BACKEND])
+    model, x, y = build(case)
+    model(x, training=False)
+    before = zoo.kernels_by_layer(model)
+    attributes = {key: value for key, value in attribute_names(model).items() if value[0] is not model}
+    lsuv = keras_lsuv.LSUVCallback(x, seed=0, verbose=0)
+    draws = seed_states(model)
+
+    def check(trained_model):
+        assert lsuv.report is not None and lsuv.report.skipped_reason is None, lsuv.report
+        replay(draws)
+        zoo.assert_report_is_true(trained_model, x, lsuv.report, before)
+        assert_no_attribute_left(attributes)  # the model itself gains fit's attributes
+
+    model.run_eagerly = not FULL
+    one_step = len(keras.tree.flatten(x)[0])  # CLIP's logits pair every image with every text of the batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        history = model.fit(
+            x, y, batch_size=one_step, epochs=1, verbose=0, callbacks=[lsuv, CheckWhenTrainingBegins(check)]
+        )
+    result.update(converged=lsuv.report.converged)
+    assert np.isfinite(history.history["loss"]).all()
+    for weight in zoo.weights_of(model):
+        assert np.isfinite(weight).all()

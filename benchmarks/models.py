@@ -1,8 +1,8 @@
 """The models the benchmark measures, and their inputs: conv stacks, a GPT-2 block stack, ResNet50, torch twins.
 
-keras-hub's `GPT2Backbone` is not used: `pip install keras-hub` with the project's constraints pulls
-`tensorflow-text`, which pins the full `tensorflow` package beside the pinned `tensorflow-cpu`. `gpt2` builds the
-same block stack from `keras.layers` (pre-norm blocks of causal `MultiHeadAttention` and a 4x GELU MLP, token and
+keras-hub's `GPT2Backbone` is not used: keras-hub is installed with `--no-deps` for the tests' sweep only (its
+declared dependencies pull `tensorflow-text` and with it the full `tensorflow` beside `tensorflow-cpu`), and the
+benchmark keeps to its own models. `gpt2` builds the same block stack from `keras.layers` (pre-norm blocks of causal `MultiHeadAttention` and a 4x GELU MLP, token and
 position embeddings, a final `LayerNormalization`): the same target layers (four `EinsumDense` projections and two
 `Dense` per block) with the same kernel shapes. torchvision cannot be installed beside the pinned CPU torch (PyPI's
 torchvision fails to import with torch 2.13.0), so `torch_resnet50` is a hand-written torchvision `resnet50`

@@ -4,7 +4,7 @@ Every case runs `lsuv_init` (the report re-measured over every call of every tar
 weight bit-identical, no instance attribute left on any layer) and `LSUVCallback` in a `fit` of one step
 (the report re-measured when training begins).
 
-`make test` runs the fast slice: each case on one backend (`FAST_BACKEND`), its `fit` run eagerly (the callback runs
+`make test` runs the fast slice: each case on one backend (`Case.fast`), its `fit` run eagerly (the callback runs
 as in a compiled `fit`; only the training step is not compiled, which would cost seconds per model).
 `LSUV_SWEEP=full` (`make sweep`) runs every case on the process's backend with a compiled `fit`, and with
 `LSUV_SWEEP_RESULTS=path` writes each case's results there as JSON, from which `scripts/sweep_table.py` renders
@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import warnings
+from pathlib import Path
 
 import keras
 import keras_io_models
@@ -43,6 +44,7 @@ class Case:
         name: The family or example, as the docs table shows it.
         source: `"keras-hub"` (a backbone of `hub_models`) or `"keras.io"` (a model of `keras_io_models`).
         builder: The builder's name in its module.
+        fast: The backend that runs the case in the fast slice (`make test`).
         limits: What LSUV does not do on this model, for the docs.
         unmeasured: Skip reasons (a part of each) of the targets LSUV leaves alone, with how many, on every
             backend; `jax_unmeasured` adds those of JAX alone.
@@ -54,6 +56,7 @@ class Case:
     name: str
     source: str
     builder: str
+    fast: str
     limits: str = ""
     unmeasured: dict = dataclasses.field(default_factory=dict)
     jax_unmeasured: dict = dataclasses.field(default_factory=dict)
@@ -61,116 +64,120 @@ class Case:
     fit_skip: dict = dataclasses.field(default_factory=dict)
 
 
-def hub(name, builder, **details):
-    return Case(name, "keras-hub", builder, **details)
+def hub(name, builder, fast, **details):
+    return Case(name, "keras-hub", builder, fast, **details)
 
 
-def keras_io(name, builder, **details):
-    return Case(name, "keras.io", builder, **details)
+def keras_io(name, builder, fast, **details):
+    return Case(name, "keras.io", builder, fast, **details)
+
+
+# The backend of each case in the fast slice, chosen so that each backend's share takes about a minute on 2 cores.
+# JAX runs eager code op by op, compiling each op for each new shape: a model costs it 5 to 40 s where TensorFlow
+# and torch take 1 to 3 s. So JAX gets the transformer encoders, which share their shapes (the first pays for the
+# others), and two small keras.io models; TensorFlow and torch split the rest (DeBERTa-v3 on TensorFlow: it is
+# twice as slow on torch).
+TF, JAX, TORCH = "tensorflow", "jax", "torch"
 
 
 CASES = [
-    hub("GPT-2", "gpt2"),
-    hub("Llama", "llama"),
-    hub("Mistral", "mistral"),
+    hub("GPT-2", "gpt2", TF),
+    hub("Llama", "llama", TORCH),
+    hub("Mistral", "mistral", TF),
     hub(
         "Mixtral",
         "mixtral",
+        TORCH,
         limits="the experts' kernels are weights of one MixtralMoeExperts layer (an einsum over experts), not Dense "
         "layers: LSUV does not reach them; the router and the attention projections are rescaled",
     ),
-    hub("Gemma", "gemma"),
-    hub("Phi-3", "phi3"),
-    hub("Qwen", "qwen"),
-    hub("Falcon", "falcon"),
-    hub("OPT", "opt"),
-    hub("BLOOM", "bloom"),
-    hub("BERT", "bert"),
+    hub("Gemma", "gemma", TF),
+    hub("Phi-3", "phi3", TORCH),
+    hub("Qwen", "qwen", TF),
+    hub("Falcon", "falcon", TORCH),
+    hub("OPT", "opt", TF),
+    hub("BLOOM", "bloom", TORCH),
+    hub("BERT", "bert", JAX),
     hub(
         "BERT, last layer frozen",
         "bert_frozen_top",
+        TORCH,
         limits="the frozen layer's 6 projections are skipped; they share their names with the first layer's, which "
         "are rescaled",
         unmeasured={"frozen": 6},
     ),
-    hub("RoBERTa", "roberta"),
-    hub("DeBERTa-v3", "deberta_v3"),
-    hub("DistilBERT", "distil_bert"),
-    hub("ELECTRA", "electra"),
-    hub("ALBERT", "albert"),
-    hub("T5", "t5"),
-    hub("BART", "bart"),
-    hub("Whisper", "whisper"),
-    hub("ViT", "vit"),
-    hub("DeiT", "deit"),
-    hub("DINOv2", "dinov2"),
-    hub("ResNet", "resnet"),
+    hub("RoBERTa", "roberta", JAX),
+    hub("DeBERTa-v3", "deberta_v3", TF),
+    hub("DistilBERT", "distil_bert", JAX),
+    hub("ELECTRA", "electra", JAX),
+    hub("ALBERT", "albert", TF),
+    hub("T5", "t5", TF),
+    hub("BART", "bart", JAX),
+    hub("Whisper", "whisper", TORCH),
+    hub("ViT", "vit", TF),
+    hub("DeiT", "deit", TORCH),
+    hub("DINOv2", "dinov2", TF),
+    hub("ResNet", "resnet", TORCH),
     hub(
         "EfficientNet",
         "efficientnet",
+        TF,
         limits="the first block's squeeze-and-excite convs exist with a ratio of 0 but are never called: skipped",
         unmeasured={"never built": 2},
     ),
-    hub("MobileNet", "mobilenet"),
-    hub("DenseNet", "densenet"),
-    hub("CSPNet", "cspnet"),
-    hub("VGG", "vgg"),
-    hub("CLIP", "clip"),
+    hub("MobileNet", "mobilenet", TORCH),
+    hub("DenseNet", "densenet", TF),
+    hub("CSPNet", "cspnet", TORCH),
+    hub("VGG", "vgg", TF),
+    hub("CLIP", "clip", TF),
     hub(
         "SAM",
         "sam",
+        TF,
         limits="on JAX the mask prompt's convs run inside `ops.cond` (JAX control flow) and are left as they were",
         jax_unmeasured={"JAX control flow": 3},
         fit_skip=dict.fromkeys(BACKENDS, "keras-hub's SAMImageSegmenter only supports inference (fit raises)"),
     ),
-    hub("SegFormer", "segformer"),
-    keras_io("ConvMixer", "convmixer"),
-    keras_io("MLP-Mixer", "mlp_mixer"),
-    keras_io("FNet", "fnet"),
-    keras_io("gMLP", "gmlp"),
-    keras_io("ViT (keras.io)", "vit"),
-    keras_io("Text transformer", "text_transformer"),
-    keras_io("Timeseries transformer", "timeseries_transformer"),
+    hub("SegFormer", "segformer", TORCH),
+    keras_io("ConvMixer", "convmixer", TF),
+    keras_io("MLP-Mixer", "mlp_mixer", TORCH),
+    keras_io("FNet", "fnet", JAX),
+    keras_io("gMLP", "gmlp", TF),
+    keras_io("ViT (keras.io)", "vit", TORCH),
+    keras_io("Text transformer", "text_transformer", TF),
+    keras_io("Timeseries transformer", "timeseries_transformer", TORCH),
     keras_io(
         "U-Net",
         "unet",
+        TF,
         fit_skip={
-            "torch": "Keras's torch sparse_categorical_crossentropy on per-pixel outputs fails in the backward pass "
+            TORCH: "Keras's torch sparse_categorical_crossentropy on per-pixel outputs fails in the backward pass "
             "(RuntimeError: grad_input must be contiguous), with or without LSUV"
         },
     ),
     keras_io(
         "VAE",
         "vae",
+        TORCH,
         limits="the sampling layer draws new noise at every call: the decoder is scaled on the draw LSUV's pass saw "
         "(the sweep replays it to check the report)",
     ),
     keras_io(
         "Char-RNN",
         "char_rnn",
+        TF,
         limits="LSTM kernels are not rescaled (not a target class); the Dense head is",
     ),
     keras_io(
         "Bidirectional LSTM",
         "bidirectional_lstm",
+        TORCH,
         limits="LSTM kernels are not rescaled (not a target class); the Dense head is",
     ),
-    keras_io("MNIST convnet", "mnist_convnet"),
-    keras_io("Tabular", "tabular"),
-    keras_io("Seq2seq transformer", "seq2seq_transformer"),
+    keras_io("MNIST convnet", "mnist_convnet", TF),
+    keras_io("Tabular", "tabular", JAX),
+    keras_io("Seq2seq transformer", "seq2seq_transformer", TORCH),
 ]
-
-
-# The fast slice runs each case on one backend. JAX runs eager code op by op, compiling each op for each new shape:
-# a model costs it 5 to 40 s where TensorFlow and torch take 1 to 3 s. So JAX gets the transformer encoders, which
-# share their shapes (the first pays for the others), and two small keras.io models; the other cases alternate
-# between TensorFlow and torch in the order of `CASES`.
-JAX_SLICE = ("BERT", "RoBERTa", "DistilBERT", "ELECTRA", "BART", "FNet", "Tabular")
-OTHERS = [case.name for case in CASES if case.name not in JAX_SLICE]
-FAST_BACKEND = {
-    **dict.fromkeys(JAX_SLICE, "jax"),
-    **{name: ("tensorflow", "torch")[i % 2] for i, name in enumerate(OTHERS)},
-}
 
 
 def params(kind):
@@ -179,7 +186,7 @@ def params(kind):
         if kind in case.xfail
         else pytest.param(case, id=case.name)
         for case in CASES
-        if FULL or FAST_BACKEND[case.name] == BACKEND
+        if FULL or case.fast == BACKEND
     ]
 
 
@@ -375,3 +382,30 @@ def _check_callback_in_fit(case, result):
     assert np.isfinite(history.history["loss"]).all()
     for weight in zoo.weights_of(model):
         assert np.isfinite(weight).all()
+
+
+def test_the_docs_table_groups_equal_backends_and_replaces_only_what_lies_between_its_markers(tmp_path):
+    path = Path(__file__).resolve().parents[2] / "scripts" / "sweep_table.py"
+    spec = importlib.util.spec_from_file_location("sweep_table", path)
+    sweep_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep_table)
+    case = Case("Toy", "keras.io", "toy", TF, limits="a limit")
+    for backend, converged in (("tensorflow", 3), ("jax", 3), ("torch", 2)):
+        entries = []
+        for kind in ("init", "fit"):
+            with recorded(entries, case, kind) as entry:
+                entry["backend"] = backend
+                if kind == "init":
+                    entry.update(targets=4, measured=3, converged=converged, unmeasured={"frozen": 1}, untargeted={})
+        (tmp_path / f"{backend}.json").write_text(json.dumps(entries))
+    page = tmp_path / "page.md"
+    page.write_text(f"before\n{sweep_table.START}\nold table\n{sweep_table.END}\nafter\n")
+    sweep_table.main([str(tmp_path), str(page)])
+    text = page.read_text()
+    assert text.startswith(f"before\n{sweep_table.START}\n") and text.endswith(f"{sweep_table.END}\nafter\n")
+    assert "old table" not in text
+    assert "| Toy | keras.io | TF, JAX | 4 | 3 / 3 (1 frozen: skipped) | a limit |" in text
+    assert "| Toy | keras.io | torch | 4 | 2 / 3 (1 frozen: skipped) | a limit |" in text
+    page.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        sweep_table.main([str(tmp_path), str(page)])

@@ -2,11 +2,12 @@
 
 keras-hub's `GPT2Backbone` is not used: keras-hub is installed with `--no-deps` for the tests' sweep only (its
 declared dependencies pull `tensorflow-text` and with it the full `tensorflow` beside `tensorflow-cpu`), and the
-benchmark keeps to its own models. `gpt2` builds the same block stack from `keras.layers` (pre-norm blocks of causal `MultiHeadAttention` and a 4x GELU MLP, token and
-position embeddings, a final `LayerNormalization`): the same target layers (four `EinsumDense` projections and two
-`Dense` per block) with the same kernel shapes. torchvision cannot be installed beside the pinned CPU torch (PyPI's
-torchvision fails to import with torch 2.13.0), so `torch_resnet50` is a hand-written torchvision `resnet50`
-(bottleneck blocks, stride on the 3x3 convolution) for the `lsuv` peer.
+benchmark keeps to its own models. `gpt2` builds the same block stack from `keras.layers` (pre-norm blocks of
+causal `MultiHeadAttention` and a 4x GELU MLP, token and position embeddings, a final `LayerNormalization`): the
+same target layers (four `EinsumDense` projections and two `Dense` per block) with the same kernel shapes.
+torchvision cannot be installed beside the pinned CPU torch (PyPI's torchvision fails to import with torch 2.13.0),
+so `torch_resnet50` is a hand-written torchvision `resnet50` (bottleneck blocks, stride on the 3x3 convolution) for
+the `lsuv` peer.
 """
 
 from __future__ import annotations

@@ -175,7 +175,8 @@ class _SinglePass:
         self.model, self.batch, self.on_record = model, batch, on_record
         self.measure, self.criterion, self.scale_on_device = options.measure, options.criterion, options.scale_on_device
         self.states = [LayerState(t, Status.SKIPPED if t.skip_reason else Status.PENDING) for t in targets]
-        self.reached: list[LayerState] = []  # in the order the passes first reached them
+        # In the order the passes first reached them: a dict as an ordered set, checked at every intercepted call.
+        self.reached: dict[LayerState, None] = {}
         read_biases([t for t in targets if not t.skip_reason])
 
     def run(self) -> dict[Target, LayerRecord]:
@@ -205,8 +206,7 @@ class _SinglePass:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             state.calls += 1
-            if state not in self.reached:
-                self.reached.append(state)
+            self.reached.setdefault(state)
             if not state.open:
                 return original_call(*args, **kwargs)
             if is_traced((args, kwargs)):

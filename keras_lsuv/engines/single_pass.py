@@ -324,7 +324,7 @@ class _SinglePass:
                     z = original_call(*args, **kwargs)
                 if not is_traced((args, kwargs)):
                     measured[final[layer]].append(moments(self.measure.of(z, activation)))
-                return activation(z)
+                return _output(final[layer].target, original_call, args, kwargs, z, activation)
 
             return call
 
@@ -453,7 +453,7 @@ class _SinglePass:
         limit = ScaleLimit.of(kernel, original, layer, _output_peak(layer, preactivation))
         with _as_lsuv_error():
             record = find_scale(target, variance_at, self.criterion, limit)
-        return record, activation(latest["preactivation"])
+        return record, _output(target, original_call, args, kwargs, latest["preactivation"], activation)
 
     def _rescale_by_passes(self, state: LayerState) -> LayerRecord:
         """For a layer called several times per pass: one forward pass per iteration, measured over every call."""
@@ -466,7 +466,7 @@ class _SinglePass:
                 with without_activation(layer) as activation:
                     z = original_call(*args, **kwargs)
                 measured.append(moments(self.measure.of(z, activation)))
-                return activation(z)
+                return _output(target, original_call, args, kwargs, z, activation)
 
             return call
 
@@ -480,6 +480,24 @@ class _SinglePass:
         record = find_scale(target, variance_at, self.criterion, ScaleLimit.of(kernel, original, layer, 0.0))
         write_kernel(kernel, original, record.scale)
         return record
+
+
+def _output(
+    target: Target,
+    original_call: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    preactivation: Any,
+    activation: Callable[[Any], Any],
+) -> Any:
+    """The layer's output, given its pre-activation, for the pass to go on with.
+
+    Keras's own `call` applies the activation last, so the output is `activation(preactivation)`. A `call` of the
+    layer's own may do more after the activation (`Dense.call(x) + ...`): it is called again, as it is.
+    """
+    if target.is_linear_in_kernel:
+        return activation(preactivation)
+    return original_call(*args, **kwargs)
 
 
 def _merged(stats: list[Moments]) -> Moments:

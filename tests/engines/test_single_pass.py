@@ -244,6 +244,25 @@ def test_custom_call_is_reevaluated_and_converges():
         assert abs(value - 1) < 0.1
 
 
+class AfterActivation(keras.layers.Dense):
+    """A `call` of its own that does more after `Dense.call` has applied the activation."""
+
+    def call(self, x):
+        return super().call(x) + 0.1 * keras.ops.square(super().call(x))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["called_once", "shared"])
+def test_the_pass_goes_on_with_what_a_custom_call_returns_not_its_activation_of_the_preactivation(shared):
+    # The layers after it are measured on its real output: before, the pass went on with tanh(pre-activation),
+    # which is not what this layer returns, and the next layer was scaled on inputs the model never gives it.
+    inputs = keras.Input((16,))
+    custom = AfterActivation(24, activation="tanh")
+    h = custom(custom(layers.Dense(24)(inputs))) if shared else custom(inputs)
+    model = keras.Model(inputs, layers.Dense(4)(layers.Dense(24, activation="relu")(h)))
+    report = zoo.initialize_and_check(model, zoo.batch_for(model) + np.float32(1.0))
+    assert report.converged
+
+
 # The device path (on an accelerator: float32, no bias, pre-activation), forced here by `scale_on_device=True`, so that
 # it runs on a CPU too: the same operations that run on a GPU. The scale is found on the device and read back once per
 # pass: the same result as the paper's loop on the host, and errors raised for the first failing layer in order.

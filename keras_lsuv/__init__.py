@@ -5,6 +5,16 @@ from keras_lsuv.lsuv import lsuv_init
 from keras_lsuv.options import LSUVOptions
 from keras_lsuv.orthonormal import Orthonormal
 from keras_lsuv.report import LayerRecord, LSUVReport
+from keras_lsuv.targets import default_targets
 from keras_lsuv.version import __version__
 
-__all__ = ["LSUVCallback", "LSUVOptions", "LSUVReport", "LayerRecord", "Orthonormal", "lsuv_init", "__version__"]
+__all__ = [
+    "LSUVCallback",
+    "LSUVOptions",
+    "LSUVReport",
+    "LayerRecord",
+    "Orthonormal",
+    "default_targets",
+    "lsuv_init",
+    "__version__",
+]

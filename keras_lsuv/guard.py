@@ -9,8 +9,10 @@ Two signals, both read from the model itself:
   longer holds what its layer's build gave it. Fresh Keras layers start with
   zero biases and unit `gamma`; training moves them at the first step, and
   `load_weights` or `load_model(compile=False)` of a trained checkpoint brings
-  the moved values back. LSUV itself only rescales kernels, so a model LSUV
-  initialized still looks fresh.
+  the moved values back. LSUV itself rescales kernels, so a model LSUV
+  initialized still looks fresh; a bias LSUV centered (`center=True`) is
+  noted here (`note_lsuv_bias`, in this process, by the layer object) and
+  looks fresh while it holds what LSUV set, trained once it moves from it.
 
 A fresh weight holds what its layer's build gives it: for Keras's own layers,
 the initializer's constant, with ones for the forget gate of an LSTM or
@@ -32,6 +34,7 @@ constant alone, so it looks trained.
 from __future__ import annotations
 
 import random
+import weakref
 from collections.abc import Iterator
 
 import keras
@@ -49,6 +52,18 @@ CONSTANT_WEIGHTS = (
 # Keras layers whose build gives a weight a constant without keeping its initializer in an attribute:
 # (name in `keras.layers`, weight, constant). RMSNormalization is in Keras 3.9 and later.
 BUILT_CONSTANTS = (("RMSNormalization", "scale", 1.0),)
+# The bias values LSUV's centering wrote, by layer (weakly: a layer that is gone takes its entry with it).
+_LSUV_BIASES: weakref.WeakKeyDictionary[keras.layers.Layer, np.ndarray] = weakref.WeakKeyDictionary()
+
+
+def note_lsuv_bias(layer: keras.layers.Layer, values: np.ndarray) -> None:
+    """Notes the bias LSUV's centering gave `layer`, so that the guard takes it for a fresh one while it holds it.
+
+    Args:
+        layer: The layer whose `bias` was set.
+        values: The values as the variable holds them (its shape and dtype).
+    """
+    _LSUV_BIASES[layer] = np.array(values)
 
 
 def training_evidence(model: keras.Model) -> str | None:
@@ -106,6 +121,9 @@ def trained_weights_evidence(model: keras.Model) -> str | None:
         initial = _as_keras_builds(layer, name, constant, values)
         if np.all(values == initial):
             continue
+        noted = _LSUV_BIASES.get(layer) if name == "bias" else None
+        if noted is not None and noted.shape == values.shape and np.all(values == noted):
+            continue  # as LSUV centered it: not trained
         if not _is_from_keras(layer):  # another layer's build may give the weight something else: ask a copy
             built = _freshly_built(layer, name, values.shape)
             if built is not None:

@@ -11,7 +11,7 @@ from keras import ops, tree
 
 from keras_lsuv.data import first_sample, prepare_batch
 from keras_lsuv.engines import ENGINES
-from keras_lsuv.guard import optimizer_steps_evidence, skipped_reason, trained_weights_evidence
+from keras_lsuv.guard import note_lsuv_bias, optimizer_steps_evidence, skipped_reason, trained_weights_evidence
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.options import LSUVOptions, integer_seed
 from keras_lsuv.orthonormal import redraw_orthonormal
@@ -31,7 +31,9 @@ def lsuv_init(model: keras.Model, x: Any, **options: Any) -> LSUVReport:
     separable convs). Step 2 goes from the first layer to the last on the batch
     `x` and multiplies each kernel by `sqrt(target_variance / var)` until the
     variance of the layer's output is within `tolerance` of `target_variance`,
-    at most `max_iterations` times. Target layers: trainable `Dense`,
+    at most `max_iterations` times; with `center=True` each bias is also set
+    so that its pre-activation has zero mean per channel. Target layers
+    (`targets=None`, see `default_targets`): trainable `Dense`,
     `EinsumDense`, `ConvND`, `ConvNDTranspose`, `DepthwiseConvND` and
     `SeparableConvND`, wherever they sit in the model. A layer called several
     times per forward pass is measured over all its calls. A target the pass
@@ -66,13 +68,14 @@ def lsuv_init(model: keras.Model, x: Any, **options: Any) -> LSUVReport:
         **options: The fields of `LSUVOptions`, by keyword: `target_variance`
             (1.0), `tolerance` (0.1), `max_iterations` (10), `measure`,
             `orthonormal`, `engine`, `seed`, `force`, `verbose`,
-            `num_samples`; each is described there.
+            `num_samples`, `center`, `targets`; each is described there.
 
     Returns:
         An `LSUVReport` with one record per target layer.
 
     Raises:
-        ValueError: For bad options (each named), bad inputs (each named: see
+        ValueError: For bad options (each named), a layer chosen by `targets`
+            that LSUV cannot initialize (named), bad inputs (each named: see
             `docs/data.md`), a batch that is empty, not numeric, not finite or
             does not match the model's inputs, or a layer whose output becomes
             non-finite. The model's weights are unchanged then. Under several
@@ -106,7 +109,7 @@ def run_lsuv(model: keras.Model, x: Any, options: LSUVOptions) -> LSUVReport:
     if not model.built:
         with inference_mode():
             model(first_sample(batch), training=False)
-    targets = find_targets(model)
+    targets = find_targets(model, options.targets)  # a selected layer LSUV cannot initialize fails here
     active = [t for t in targets if not t.skip_reason]
     if not active:
         warnings.warn(f"LSUV: model '{model.name}' has no layer to initialize.", UserWarning, stacklevel=_CALLER)
@@ -114,18 +117,23 @@ def run_lsuv(model: keras.Model, x: Any, options: LSUVOptions) -> LSUVReport:
     verbose = options.verbosity
     progress = keras.utils.Progbar(len(active), verbose=int(verbose == 1), unit_name="layer")
     for target in active:
-        target.save_kernels()
+        target.save_weights()
     # The forward pass runs stateful layers (a stateful RNN updates its state): put their state back afterwards.
     states = [(state, ops.copy(state.value)) for state in _layer_states(model)]
     try:
         if options.orthonormal:
-            redraw_orthonormal(active, shared_seed(integer_seed(options.seed)))
+            # An embedding matrix is a table of vectors, not a map to orthogonalize: step 1 leaves it alone.
+            redraw_orthonormal([t for t in active if not t.is_embedding], shared_seed(integer_seed(options.seed)))
         records = ENGINES[options.engine](model, batch, targets, options, lambda _: progress.add(1))
         unmeasured = _restore_unmeasured(active, records) + [records[t] for t in targets if not t.layer.built]
         report.records = list(records.values())
+        if options.center:  # the guard takes a bias LSUV centered for a fresh one while it holds LSUV's values
+            for target in active:
+                if target.has_bias and not records[target].skipped:
+                    note_lsuv_bias(target.layer, ops.convert_to_numpy(target.layer.bias))
     except BaseException:
         for target in active:
-            target.restore_kernels()
+            target.restore_weights()
         raise
     finally:
         for state, value in states:
@@ -167,6 +175,7 @@ def report_for(options: LSUVOptions, skipped_reason: str | None = None) -> LSUVR
         measure=options.measure.value,
         target_variance=options.target_variance,
         tolerance=options.tolerance,
+        center=options.center,
         skipped_reason=skipped_reason,
     )
 
@@ -175,7 +184,7 @@ def _restore_unmeasured(active: list[Target], records: dict[Target, LayerRecord]
     """Puts back the kernels of the active targets the engine did not measure (step 1 redrew them)."""
     unmeasured = [t for t in active if records[t].skipped]
     for target in unmeasured:
-        target.restore_kernels()
+        target.restore_weights()
     return [records[t] for t in unmeasured]
 
 

@@ -83,6 +83,21 @@ class LSUVOptions:
             2: the table only; 0: silent.
         num_samples: How many samples of `x` to use (default 256): arrays are
             sliced, iterables are read batch by batch until there are enough.
+        center: Also set each target's bias so that its pre-activation has
+            zero mean per output channel (over the batch and the spatial or
+            sequence positions) at the kernel scale that gives it unit
+            variance, in the same pass, as fastai's LSUV does. A target without
+            a bias is scaled only, and its record says so. Needs
+            `measure="preactivation"`. The records give each pre-activation's
+            mean before and after.
+        targets: Which layers LSUV initializes: `None` (default) for
+            `default_targets` (every `Dense`, `EinsumDense` and convolution),
+            or a callable `layer -> bool` called on every layer of the model
+            but its `InputLayer`s, nested ones included. It may also choose
+            `Embedding` layers, whose matrix is then scaled so that their
+            vectors have unit variance on the batch (padding left out with
+            `mask_zero`). A selected layer of any other kind is a `ValueError`
+            naming it, before anything changes.
         scale_on_device: Where the single-pass engine finds the scale of a
             layer whose pre-activation variance follows from one variance
             (float32, no bias): `None` (default) on the device on an
@@ -104,6 +119,8 @@ class LSUVOptions:
     force: bool = False
     verbose: str | int = "auto"
     num_samples: int = DEFAULT_NUM_SAMPLES
+    center: bool = False
+    targets: Callable[[keras.layers.Layer], bool] | None = None
     scale_on_device: bool | None = None
 
     def __post_init__(self) -> None:
@@ -122,9 +139,18 @@ class LSUVOptions:
         for name, value, choices in (("measure", self.measure, measures), ("engine", self.engine, tuple(ENGINES))):
             if not (isinstance(value, str) and value in choices):
                 raise ValueError(f"{name} must be one of {choices}; got {value!r}.")
-        for name in ("orthonormal", "force"):
+        for name in ("orthonormal", "force", "center"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}.")
+        if self.center and self.measure != Measure.PREACTIVATION.value:
+            raise ValueError(
+                f"center=True centers the pre-activation, so it needs measure='preactivation'; got {self.measure!r}."
+            )
+        if not (self.targets is None or callable(self.targets)):
+            raise ValueError(
+                f"targets must be None or a callable layer -> bool (e.g. keras_lsuv.default_targets); got "
+                f"{self.targets!r}."
+            )
         if not (self.scale_on_device is None or isinstance(self.scale_on_device, (bool, np.bool_))):
             raise ValueError(f"scale_on_device must be None, True or False; got {self.scale_on_device!r}.")
         verbose = self.verbose
@@ -141,7 +167,7 @@ class LSUVOptions:
             object.__setattr__(self, name, kind(getattr(self, name)))
         object.__setattr__(self, "num_samples", int(self.num_samples))
         object.__setattr__(self, "measure", Measure(self.measure))
-        for name in ("orthonormal", "force"):
+        for name in ("orthonormal", "force", "center"):
             object.__setattr__(self, name, bool(getattr(self, name)))
         if self.scale_on_device is not None:
             object.__setattr__(self, "scale_on_device", bool(self.scale_on_device))

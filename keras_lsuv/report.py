@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 TABLE_HEADER = ("layer", "class", "initial var", "final var", "iters", "scale", "status")
+# The columns a centered run (`center=True`) adds before "status".
+MEAN_HEADER = ("initial mean", "final mean")
 
 
 @dataclasses.dataclass
@@ -27,7 +29,14 @@ class LayerRecord:
         iterations: Number of rescales applied.
         converged: Whether `|final_variance - target_variance| < tolerance`.
         scale: The factor the kernel was multiplied by (1.0 if untouched).
-        reason: Why the layer was skipped or did not converge, else `None`.
+        reason: Why the layer was skipped or did not converge, or what was
+            left out of a converged layer (with `center=True`, a layer without
+            a bias is scaled only); else `None`.
+        initial_mean: With `center=True`, the mean of the measured
+            pre-activation before LSUV (over the whole tensor, as the
+            variance); `None` otherwise or if skipped.
+        final_mean: With `center=True`, its mean after LSUV, measured on the
+            output the layer gives at its new weights.
         layer: The layer itself, which identifies it where names do not (Keras
             allows equal names in nested and subclassed models). Not part of
             `to_dict()`, nor of equality; `None` in a report rebuilt by
@@ -42,6 +51,8 @@ class LayerRecord:
     converged: bool = False
     scale: float = 1.0
     reason: str | None = None
+    initial_mean: float | None = None
+    final_mean: float | None = None
     layer: keras.layers.Layer | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -66,6 +77,8 @@ class LSUVReport:
         measure: `"preactivation"` or `"output"`.
         target_variance: The variance LSUV aimed for.
         tolerance: The accepted distance to `target_variance`.
+        center: Whether the biases were set to center each pre-activation
+            (`center=True`).
         skipped_reason: Set when the whole run was skipped (e.g. the model has
             already been trained); then no weight was changed.
 
@@ -76,6 +89,7 @@ class LSUVReport:
     >>> report.records[0].final_variance  # close to 1.0
     >>> json.dumps(report.to_dict())      # for an experiment logger
     >>> report.plot()                     # variance per layer (needs matplotlib)
+    >>> report.assert_converged()         # in CI: raises unless every layer converged
 
     In Jupyter the report displays as an HTML table.
     """
@@ -85,12 +99,41 @@ class LSUVReport:
     measure: str = "preactivation"
     target_variance: float = 1.0
     tolerance: float = 0.1
+    center: bool = False
     skipped_reason: str | None = None
 
     @property
     def converged(self) -> bool:
         """True when every processed layer reached the tolerance."""
         return all(r.converged for r in self.records if not r.skipped)
+
+    def assert_converged(self) -> LSUVReport:
+        """Checks that the run happened and every layer it measured converged, e.g. in a test or in CI.
+
+        Layers left alone on purpose (frozen, never reached) do not count;
+        a run skipped as a whole (a model that looks trained) does.
+
+        Example:
+
+        >>> report = keras_lsuv.lsuv_init(model, x, verbose=0).assert_converged()
+
+        Returns:
+            The report itself.
+
+        Raises:
+            AssertionError: Listing each layer that did not converge, with its
+                reason, or saying why the whole run was skipped.
+        """
+        if self.skipped_reason:
+            raise AssertionError(f"LSUV did not run: {self.skipped_reason}")
+        failed = [r for r in self.records if not r.skipped and not r.converged]
+        if failed:
+            lines = [f"  '{r.name}' ({r.class_name}): {r.reason}" for r in failed]
+            raise AssertionError(
+                f"LSUV: {len(failed)} of {sum(not r.skipped for r in self.records)} layers did not converge:\n"
+                + "\n".join(lines)
+            )
+        return self
 
     def __getitem__(self, key: str | keras.layers.Layer) -> LayerRecord:
         """The record of a layer, given the layer object or its name.
@@ -157,31 +200,44 @@ class LSUVReport:
         _check_keys(data, cls, "the report")
         return cls(records=records, **data)
 
+    @property
+    def _header(self) -> tuple[str, ...]:
+        """The table's columns: `TABLE_HEADER`, with `MEAN_HEADER` before the status where means were measured."""
+        if not any(r.initial_mean is not None for r in self.records):
+            return TABLE_HEADER
+        return TABLE_HEADER[:-1] + MEAN_HEADER + TABLE_HEADER[-1:]
+
     def _rows(self) -> list[tuple[LayerRecord, tuple[str, ...]]]:
-        """Each record with its table cells, in `TABLE_HEADER`'s order."""
+        """Each record with its table cells, in `_header`'s order."""
+        with_means = self._header != TABLE_HEADER
         rows: list[tuple[LayerRecord, tuple[str, ...]]] = []
         for r in self.records:
             if r.skipped:
                 status, initial, final = f"skipped: {r.reason}", "-", "-"
             else:
-                status = "ok" if r.converged else f"NOT CONVERGED: {r.reason}"
+                status = f"NOT CONVERGED: {r.reason}" if not r.converged else f"ok ({r.reason})" if r.reason else "ok"
                 initial, final = f"{r.initial_variance:.4g}", f"{r.final_variance:.4g}"
-            rows.append((r, (r.name, r.class_name, initial, final, str(r.iterations), f"{r.scale:.4g}", status)))
+            cells: tuple[str, ...] = (r.name, r.class_name, initial, final, str(r.iterations), f"{r.scale:.4g}")
+            if with_means:
+                cells += tuple("-" if mean is None else f"{mean:.3g}" for mean in (r.initial_mean, r.final_mean))
+            rows.append((r, (*cells, status)))
         return rows
 
     def _summary(self) -> str:
         processed = [r for r in self.records if not r.skipped]
         converged = sum(r.converged for r in processed)
+        centered = ", centered" if self.center else ""
         return (
-            f"LSUV ({self.engine}, {self.measure}, target {self.target_variance:g} ± {self.tolerance:g}): "
+            f"LSUV ({self.engine}, {self.measure}{centered}, target {self.target_variance:g} ± {self.tolerance:g}): "
             f"{converged}/{len(processed)} layers converged, {len(self.records) - len(processed)} skipped"
         )
 
     def __str__(self) -> str:
         if self.skipped_reason:
             return f"LSUV skipped: {self.skipped_reason}"
-        rows = [TABLE_HEADER] + [cells for _, cells in self._rows()]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEADER) - 1)]
+        header = self._header
+        rows = [header] + [cells for _, cells in self._rows()]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1] for row in rows]
         lines.append(self._summary())
         return "\n".join(lines)
@@ -190,7 +246,7 @@ class LSUVReport:
         """The table as HTML, for Jupyter: the same columns as `str(report)`, rows not converged highlighted."""
         if self.skipped_reason:
             return f"<p><b>LSUV skipped:</b> {html.escape(self.skipped_reason)}</p>"
-        header = "".join(f"<th>{html.escape(c)}</th>" for c in TABLE_HEADER)
+        header = "".join(f"<th>{html.escape(c)}</th>" for c in self._header)
         body = []
         for record, cells in self._rows():
             style = "" if record.skipped or record.converged else ' style="background-color: #fdd"'

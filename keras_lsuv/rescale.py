@@ -322,6 +322,13 @@ def write_kernel(kernel: keras.Variable, original: Any, scale: float | Any) -> N
         kernel.assign(value)
 
 
+def write_bias(bias: keras.Variable, values: np.ndarray) -> None:
+    """Sets `bias` to `values` (host, any float dtype; reshaped to the bias), written to the variable itself."""
+    value = ops.cast(np.reshape(np.asarray(values, dtype="float32"), tuple(bias.shape)), variable_dtype(bias))
+    with _no_autocast():
+        bias.assign(value)
+
+
 def variable_dtype(kernel: keras.Variable) -> str:
     """The variable's own dtype (inside an autocast scope `kernel.dtype` is the scope's dtype)."""
     with _no_autocast():

@@ -55,6 +55,15 @@ class Moments:
         m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / count)
         return Moments(count, mean, m2)
 
+    @property
+    def grand_mean(self) -> float:
+        """The mean over all elements (the groups are of equal size)."""
+        return float(np.mean(self.mean))
+
+    def centered(self) -> Moments:
+        """The moments after subtracting each group's mean: each group's spread, every mean zero."""
+        return Moments(self.count, np.zeros_like(self.mean), self.m2)
+
     def variance(self, scale: float = 1.0, bias: np.ndarray | None = None) -> float:
         """The variance over all elements of `scale * (z - b) + b`, with `b` the per-group `bias` (0 if `None`).
 

@@ -1,9 +1,10 @@
-"""Which layers LSUV rescales and which kernel of each."""
+"""Which layers LSUV initializes (`default_targets`, or the user's `targets=`) and which weights of each."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,6 +28,9 @@ TARGET_CLASSES = (
     layers.SeparableConv1D,
     layers.SeparableConv2D,
 )
+# Kinds LSUV initializes only when `targets=` chooses them: their output is scaled to unit variance through their
+# matrix (keras-hub's `ReversibleEmbedding` is an `Embedding`), and step 1 leaves that matrix alone.
+EMBEDDINGS = (layers.Embedding,)
 TRANSPOSED = (layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose)
 DEPTHWISE = (layers.DepthwiseConv1D, layers.DepthwiseConv2D)
 SEPARABLE = (layers.SeparableConv1D, layers.SeparableConv2D)
@@ -40,7 +44,7 @@ class Target:
         layer: The Keras layer.
         skip_reason: Why it is left alone (frozen, kernel not a plain
             variable), else `None`.
-        before: The kernels as they were before the run (`save_kernels`).
+        before: The weights LSUV may change (kernels, and the bias), as they were before the run (`save_weights`).
         host_bias: The bias's values on the host, flat, float64 (`read_biases`); `None` until read or without bias.
     """
 
@@ -49,20 +53,33 @@ class Target:
     before: list[Any] | None = dataclasses.field(default=None, repr=False)
     host_bias: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
-    def save_kernels(self) -> None:
-        """Keeps a copy of the kernels as they are now, for `restore_kernels`."""
-        self.before = [ops.copy(kernel.value) for kernel in self.kernels]
+    @property
+    def touched(self) -> list[keras.Variable]:
+        """Every weight LSUV may change: the kernels, and the bias (`center=True` sets it)."""
+        return self.kernels + ([self.layer.bias] if self.has_bias else [])
 
-    def restore_kernels(self) -> None:
-        """Puts back the kernels saved by `save_kernels` (a target LSUV does not measure keeps them)."""
-        for kernel, value in zip(self.kernels, self.before or [], strict=False):
-            kernel.assign(value)
+    def save_weights(self) -> None:
+        """Keeps a copy of the weights LSUV may change as they are now, for `restore_weights`."""
+        self.before = [ops.copy(weight.value) for weight in self.touched]
+
+    def restore_weights(self) -> None:
+        """Puts back the weights saved by `save_weights` (a target LSUV does not measure keeps them)."""
+        for weight, value in zip(self.touched, self.before or [], strict=False):
+            weight.assign(value)
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether the layer has a bias variable (`use_bias=True`), zero or not."""
+        return getattr(self.layer, "bias", None) is not None
 
     @property
     def scaled_kernel(self) -> keras.Variable:
-        """The kernel whose scale sets the output variance (the pointwise one for separable convs)."""
+        """The kernel whose scale sets the output variance (the pointwise one for separable convs, the matrix of an
+        embedding)."""
         if isinstance(self.layer, SEPARABLE):
             return self.layer.pointwise_kernel
+        if self.is_embedding:
+            return self.layer.embeddings
         return self.layer.kernel
 
     @property
@@ -70,7 +87,24 @@ class Target:
         """Every kernel of the layer (both for separable convs)."""
         if isinstance(self.layer, SEPARABLE):
             return [self.layer.depthwise_kernel, self.layer.pointwise_kernel]
-        return [self.layer.kernel]
+        return [self.scaled_kernel]
+
+    @property
+    def is_embedding(self) -> bool:
+        """Whether the layer is an `Embedding` (chosen through `targets=`): step 1 leaves its matrix alone."""
+        return isinstance(self.layer, EMBEDDINGS)
+
+    def measured(self, z: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The part of the pre-activation `z` of a call with `args`/`kwargs` that LSUV measures.
+
+        All of it, but for an `Embedding` with `mask_zero=True`: the positions of token 0 (padding) are left out,
+        as the layers after it leave them out through the mask. The ids are read to the host to select the rest.
+        """
+        if not (self.is_embedding and getattr(self.layer, "mask_zero", False)):
+            return z
+        ids = args[0] if args else kwargs["inputs"]
+        keep = np.flatnonzero(np.asarray(ops.convert_to_numpy(ids)).reshape(-1) != 0)
+        return ops.take(ops.reshape(z, (-1, z.shape[-1])), keep, axis=0)
 
     @property
     def is_linear_in_kernel(self) -> bool:
@@ -102,19 +136,64 @@ class Target:
         """
         if not self.adds_bias():
             return None
-        bias = ops.cast(self.layer.bias, "float32")
+        return ops.reshape(ops.cast(self.layer.bias, "float32"), self.channel_shape(like))
+
+    def channel_shape(self, like: Any) -> tuple[int, ...]:
+        """The shape of the bias as it is added to the pre-activation output `like`: one value per output channel.
+
+        The per-channel statistics (`statistics.moments`) and a centering bias use it; the layer must have a bias.
+        """
+        shape = tuple(int(size) for size in self.layer.bias.shape)
         if getattr(self.layer, "data_format", "channels_last") == "channels_first":
-            bias = ops.reshape(bias, (1, -1) + (1,) * (len(like.shape) - 2))
-        return bias
+            return (1, math.prod(shape)) + (1,) * (len(like.shape) - 2)
+        return shape
 
 
-def find_targets(model: keras.layers.Layer) -> list[Target]:
-    """Every layer of a target class inside `model` (nested models and composite layers included), once."""
+def default_targets(layer: keras.layers.Layer) -> bool:
+    """Whether LSUV initializes `layer` unless told otherwise (`targets=None`): every `Dense`, `EinsumDense` and
+    convolution (`ConvND`, `ConvNDTranspose`, `DepthwiseConvND`, `SeparableConvND`), subclasses included.
+
+    Example:
+
+    >>> # every default target but the classifier head
+    >>> keras_lsuv.lsuv_init(model, x, targets=lambda layer: keras_lsuv.default_targets(layer)
+    ...                      and layer.name != "logits")
+
+    Args:
+        layer: A Keras layer.
+
+    Returns:
+        `True` for a layer of those kinds.
+    """
+    return isinstance(layer, TARGET_CLASSES)
+
+
+def find_targets(model: keras.layers.Layer, select: Callable[[keras.layers.Layer], bool] | None = None) -> list[Target]:
+    """Every layer inside `model` that `select` chooses (nested models and composite layers included), once.
+
+    Args:
+        model: The model.
+        select: `layer -> bool`, called once on every layer but the `InputLayer`s; `default_targets` if `None`.
+
+    Raises:
+        ValueError: If `select` chooses a layer of a kind LSUV cannot initialize.
+    """
+    select = select or default_targets
     targets, seen = [], set()
     for layer in _walk(model):
-        if isinstance(layer, TARGET_CLASSES) and id(layer) not in seen:
-            seen.add(id(layer))
-            targets.append(Target(layer, _skip_reason(layer)))
+        if id(layer) in seen or isinstance(layer, layers.InputLayer):  # an input is no layer to choose
+            continue
+        seen.add(id(layer))
+        if not select(layer):
+            continue
+        if not isinstance(layer, TARGET_CLASSES + EMBEDDINGS):
+            kinds = ", ".join(cls.__name__ for cls in TARGET_CLASSES + EMBEDDINGS)
+            raise ValueError(
+                f"targets selects layer '{layer.name}' ({type(layer).__name__}), which LSUV cannot initialize: it "
+                f"rescales the kernels of {kinds} (and their subclasses). Leave it out of targets, e.g. "
+                "`lambda layer: keras_lsuv.default_targets(layer) and ...`."
+            )
+        targets.append(Target(layer, _skip_reason(layer)))
     return targets
 
 
@@ -172,7 +251,7 @@ def without_activation(layer: keras.layers.Layer) -> Iterator[Callable[[Any], An
     which torch's `Module.__setattr__` refuses to replace by a function. The instance's own attribute, if any,
     is put back exactly as it was.
     """
-    activation = layer.activation
+    activation = getattr(layer, "activation", None)  # an `Embedding` has none
     state = vars(layer)
     had_own, own = "activation" in state, state.get("activation")
     state["activation"] = keras.activations.linear

@@ -43,6 +43,10 @@ BAD = [
     ("verbose", "yes"),
     ("scale_on_device", "yes"),
     ("scale_on_device", 1),
+    ("center", "yes"),
+    ("center", 1),
+    ("targets", "dense"),
+    ("targets", ["dense"]),
 ]
 
 
@@ -135,3 +139,10 @@ def test_options_are_one_frozen_dataclass_shared_by_the_function_and_the_callbac
         keras_lsuv.lsuv_init(zoo.deep_mlp(depth=1), X, tolerence=0.1)
     with pytest.raises(TypeError, match="tolerence"):
         keras_lsuv.LSUVCallback(X, tolerence=0.1)
+
+
+def test_centering_needs_the_preactivation_measured():
+    with pytest.raises(
+        ValueError, match=r"center=True centers the pre-activation, so it needs measure='preactivation'"
+    ):
+        keras_lsuv.LSUVCallback(X, center=True, measure="output")

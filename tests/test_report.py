@@ -80,7 +80,7 @@ def test_from_dict_follows_the_dataclass_fields():
     record = LayerRecord("dense", "Dense", 0.5, 1.0, 1, True, 1.41, None)
     report = LSUVReport([record], engine="submodel", tolerance=0.05)
     data = report.to_dict()
-    assert set(data) == {"records", "engine", "measure", "target_variance", "tolerance", "skipped_reason"}
+    assert set(data) == {"records", "engine", "measure", "target_variance", "tolerance", "center", "skipped_reason"}
     assert set(data["records"][0]) == {
         "name",
         "class_name",
@@ -90,6 +90,8 @@ def test_from_dict_follows_the_dataclass_fields():
         "converged",
         "scale",
         "reason",
+        "initial_mean",
+        "final_mean",
     }
     assert LSUVReport.from_dict(data) == report
     # Missing fields take their defaults (a dict from an older version).
@@ -196,3 +198,33 @@ def test_report_figure_script_draws_the_guide_figure(tmp_path):
     spec.loader.exec_module(module)
     module.main(["--output", str(tmp_path / "report.png")])
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_assert_converged_lists_each_layer_not_converged_with_its_reason(run):
+    model, x, report = run
+    with pytest.raises(AssertionError, match=r"1 of 3 layers did not converge:\n  'head' \(Dense\): .+") as caught:
+        report.assert_converged()
+    assert "frozen" not in str(caught.value)  # left alone on purpose: not a failure
+
+
+def test_assert_converged_returns_the_report_of_a_converged_run_and_fails_a_skipped_one():
+    model = zoo.small_mlp()
+    report = zoo.run(model, zoo.batch_for(model))
+    assert report.assert_converged() is report
+    skipped = LSUVReport(skipped_reason="the model has already been trained (3 optimizer steps)")
+    with pytest.raises(AssertionError, match=r"LSUV did not run: the model has already been trained"):
+        skipped.assert_converged()
+
+
+def test_a_centered_run_shows_the_means_in_the_table_html_and_dict():
+    model = zoo.small_mlp()
+    x = zoo.batch_for(model) + np.float32(3.0)
+    report = zoo.run(model, x, center=True)
+    text, page = str(report), report._repr_html_()
+    assert "initial mean  final mean" in text and "centered" in text.splitlines()[-1]
+    assert "<th>initial mean</th><th>final mean</th><th>status</th>" in page
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["center"] is True
+    assert all(abs(r["final_mean"]) < 1e-3 and r["initial_mean"] is not None for r in data["records"])
+    assert LSUVReport.from_dict(data) == report
+    assert "initial mean" not in str(zoo.run(zoo.small_mlp(), x))  # a plain run measures no means

@@ -1,7 +1,10 @@
 import keras
 import numpy as np
+import pytest
+import zoo
 
-from keras_lsuv.targets import find_targets
+import keras_lsuv
+from keras_lsuv.targets import TARGET_CLASSES, find_targets
 
 
 def built(layer, input_shape):
@@ -38,3 +41,98 @@ def test_channels_first_bias_broadcasts_over_the_channel_axis():
     target = find_targets(keras.Sequential([layer]))[0]
     bias = keras.ops.convert_to_numpy(target.bias_term(keras.ops.zeros((5, 3, 4, 4))))
     assert bias.shape == (1, 3, 1, 1)
+
+
+def classifier():
+    inputs = keras.Input((16,))
+    h = keras.layers.Dense(32, activation="relu", name="hidden")(inputs)
+    h = keras.layers.LayerNormalization(name="norm")(h)
+    h = keras.layers.Dense(32, activation="relu", name="more")(h)
+    return keras.Model(inputs, keras.layers.Dense(4, name="logits")(h))
+
+
+def test_targets_leaves_the_layers_it_does_not_choose_untouched_and_unreported():
+    model = classifier()
+    x = zoo.batch_for(model)
+    logits = model.get_layer("logits")
+    kept = [np.array(keras.ops.convert_to_numpy(w)) for w in logits.weights]
+
+    def select(layer):
+        return keras_lsuv.default_targets(layer) and layer.name != "logits"
+
+    report = zoo.initialize_and_check(model, x, targets=select)
+    assert [r.name for r in report.records] == ["hidden", "more"]
+    for a, b in zip(kept, logits.weights, strict=True):
+        np.testing.assert_array_equal(a, keras.ops.convert_to_numpy(b))
+
+
+@pytest.mark.parametrize("engine", ["single_pass", "submodel"])
+def test_a_chosen_layer_lsuv_cannot_initialize_is_named_before_anything_changes(engine):
+    model = classifier()
+    before = zoo.weights_of(model)
+    with pytest.raises(ValueError, match=r"targets selects layer 'norm' \(LayerNormalization\), which LSUV cannot"):
+        zoo.run(model, zoo.batch_for(model), engine=engine, targets=lambda layer: layer.name != "hidden")
+    for a, b in zip(before, zoo.weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_default_targets_is_what_targets_none_chooses():
+    model = classifier()
+    chosen = [t.layer for t in find_targets(model, keras_lsuv.default_targets)]
+    expected = [layer for layer in model.layers if isinstance(layer, TARGET_CLASSES)]
+    assert chosen == [t.layer for t in find_targets(model)] == expected
+
+
+def token_model(mask_zero=False):
+    ids = keras.Input((12,), dtype="int32")
+    h = keras.layers.Embedding(50, 16, mask_zero=mask_zero, name="tokens")(ids)
+    h = keras.layers.Dense(16, activation="relu")(h)
+    return keras.Model(ids, keras.layers.Dense(4)(keras.layers.GlobalAveragePooling1D()(h)))
+
+
+def token_ids(padding=0):
+    ids = np.random.default_rng(0).integers(1, 50, size=(64, 12)).astype("int32")
+    ids[:, 12 - padding :] = 0
+    return ids
+
+
+def with_embeddings(layer):
+    return keras_lsuv.default_targets(layer) or isinstance(layer, keras.layers.Embedding)
+
+
+def test_an_embedding_chosen_by_targets_is_scaled_to_unit_variance_and_not_redrawn():
+    model = token_model()
+    x = token_ids()
+    model(x[:2])
+    table = keras.ops.convert_to_numpy(model.get_layer("tokens").embeddings).copy()
+    assert np.var(table) < 0.01  # Keras's uniform(-0.05, 0.05): three orders of magnitude below 1
+    report = zoo.initialize_and_check(model, x, targets=with_embeddings)
+    record = report[model.get_layer("tokens")]
+    assert record.converged and record.class_name == "Embedding"
+    scaled = keras.ops.convert_to_numpy(model.get_layer("tokens").embeddings)
+    np.testing.assert_allclose(scaled, table * record.scale, rtol=1e-6)  # scaled, never redrawn by step 1
+
+
+def test_an_embedding_is_left_alone_unless_chosen():
+    model = token_model()
+    x = token_ids()
+    model(x[:2])
+    table = keras.ops.convert_to_numpy(model.get_layer("tokens").embeddings).copy()
+    report = zoo.initialize_and_check(model, x)
+    assert len(report.records) == 2
+    np.testing.assert_array_equal(table, keras.ops.convert_to_numpy(model.get_layer("tokens").embeddings))
+
+
+@pytest.mark.parametrize("engine", ["single_pass", "submodel"])
+def test_an_embedding_with_a_mask_is_measured_where_the_mask_lets_tokens_through(engine):
+    model = token_model(mask_zero=True)
+    x = token_ids(padding=6)  # half of every sequence is padding
+    model(x[:2])
+    table = model.get_layer("tokens").embeddings
+    values = keras.ops.convert_to_numpy(table).copy()
+    values[0] = 0.0  # a zero vector for padding
+    table.assign(values)
+    zoo.run(model, x, targets=with_embeddings, engine=engine, seed=None)
+    vectors = keras.ops.convert_to_numpy(model.get_layer("tokens")(x))
+    assert abs(np.var(vectors[x != 0]) - 1.0) < 0.1
+    assert np.var(vectors) < 0.6  # over every position, padding included, the scale would be another

@@ -79,12 +79,14 @@ def batch_for(model, n=64, seed=0):
     return rng.normal(size=(n, *shape)).astype("float32")
 
 
-def target_layers(model):
+def target_layers(model, select=None):
+    """The layers LSUV initializes by default (or those `select` chooses), walked independently of the package."""
+    select = select or (lambda layer: isinstance(layer, TARGET_CLASSES))
     seen, found = set(), []
 
     def walk(layer):
         for child in layer._flatten_layers(include_self=False, recursive=False):
-            if isinstance(child, TARGET_CLASSES) and id(child) not in seen:
+            if select(child) and id(child) not in seen:
                 seen.add(id(child))
                 found.append(child)
             walk(child)
@@ -111,7 +113,22 @@ def _is_tracer(value):
 
 
 def preactivation_variances(model, x):
-    """Each target layer's pre-activation variance over every call of it in a plain forward pass, by layer object.
+    """Each target layer's pre-activation variance over every call of it in a plain forward pass, by layer object."""
+    return {
+        layer: float(np.var(np.concatenate([z.ravel() for z in zs]))) for layer, zs in preactivations(model, x).items()
+    }
+
+
+def channel_means(layer, outputs):
+    """The mean of each output channel (one per bias value) over the outputs of every call of `layer`."""
+    channels = int(np.prod(layer.bias.shape))
+    if getattr(layer, "data_format", "channels_last") == "channels_first":
+        outputs = [np.moveaxis(z, 1, -1) for z in outputs]
+    return np.concatenate([z.reshape(-1, channels) for z in outputs]).mean(axis=0)
+
+
+def preactivations(model, x, select=None):
+    """Each target layer's pre-activation outputs (float64 arrays), one per call of it in a plain forward pass.
 
     Independent of the engines: the pass records the inputs of every eager call of each target, then each
     recorded call is evaluated again through `layer(...)` (so with the layer's own dtype policy) with its
@@ -121,7 +138,7 @@ def preactivation_variances(model, x):
     allows equal names).
     """
     captured = {}
-    targets = target_layers(model)
+    targets = target_layers(model, select)
 
     def recorder(layer, original):
         def call(*args, **kwargs):
@@ -138,7 +155,7 @@ def preactivation_variances(model, x):
     finally:
         for layer in targets:
             del vars(layer)["call"]
-    variances = {}
+    found = {}
     for layer in targets:
         if id(layer) not in captured:
             continue
@@ -148,46 +165,60 @@ def preactivation_variances(model, x):
         state["activation"] = keras.activations.linear
         try:
             for args, kwargs in captured[id(layer)]:
-                outputs.append(keras.ops.convert_to_numpy(layer(*args, **kwargs)).astype("float64").ravel())
+                outputs.append(keras.ops.convert_to_numpy(layer(*args, **kwargs)).astype("float64"))
         finally:
             if had_own:
                 state["activation"] = own
             else:
                 del state["activation"]
-        variances[layer] = float(np.var(np.concatenate(outputs)))
-    return variances
+        found[layer] = outputs
+    return found
 
 
 def weights_of(model):
     return [np.array(keras.ops.convert_to_numpy(w)) for w in model.weights]
 
 
-def kernels_by_layer(model):
-    """Every built target layer's kernels (both of a separable conv), copied to NumPy, by layer object."""
+def kernels_by_layer(model, select=None):
+    """Every built target layer's kernels (both of a separable conv, the matrix of an embedding), copied to NumPy, by
+    layer object; the targets `select` chooses, if given."""
     found = {}
-    for layer in target_layers(model):
+    for layer in target_layers(model, select):
         if not layer.built:  # never called: it has no kernel
             continue
-        kernels = (
-            [layer.depthwise_kernel, layer.pointwise_kernel] if hasattr(layer, "pointwise_kernel") else [layer.kernel]
-        )
+        if hasattr(layer, "pointwise_kernel"):
+            kernels = [layer.depthwise_kernel, layer.pointwise_kernel]
+        else:
+            kernels = [layer.embeddings if isinstance(layer, layers.Embedding) else layer.kernel]
         found[layer] = [np.array(keras.ops.convert_to_numpy(kernel)) for kernel in kernels]
     return found
 
 
-def assert_report_is_true(model, x, report, before, tolerance=0.1):
+def assert_report_is_true(model, x, report, before, tolerance=0.1, select=None, mean_tolerance=0.02):
     """The report against the model, measured independently over every call of each layer.
 
-    The report has one record per target layer, matched by the layer object (never by name); every layer the
-    report calls converged measures within `tolerance` of 1 and as reported; every layer it did not measure has its
-    kernels bit-identical to `before` (from `kernels_by_layer`); every weight is finite.
+    The report has one record per target layer (chosen by `select`, the default targets if `None`), matched by the
+    layer object (never by name); every layer the report calls converged measures within `tolerance` of 1 and as
+    reported; every layer it did not measure has its kernels bit-identical to `before` (from `kernels_by_layer`);
+    every weight is finite. For a centered run (`report.center`), every converged layer with a bias has each
+    channel's mean within `mean_tolerance` of 0, and every measured record's means are as measured.
     """
-    measured = preactivation_variances(model, x)
+    outputs = preactivations(model, x, select)
+    measured = {layer: float(np.var(np.concatenate([z.ravel() for z in zs]))) for layer, zs in outputs.items()}
     after = kernels_by_layer(model)
     recorded = [record.layer for record in report.records]
     assert len({id(layer) for layer in recorded}) == len(recorded), "a layer has several records"
-    assert {id(layer) for layer in recorded} == {id(layer) for layer in target_layers(model)}, "records != targets"
+    targets = target_layers(model, select)
+    assert {id(layer) for layer in recorded} == {id(layer) for layer in targets}, "records != targets"
     for record in report.records:
+        if report.center and not record.skipped:
+            mean = float(np.mean(np.concatenate([z.ravel() for z in outputs[record.layer]])))
+            assert abs(record.final_mean - mean) <= 1e-3 + 2e-2 * abs(mean), f"{record.name}: {record} vs mean {mean}"
+            if record.converged and getattr(record.layer, "bias", None) is not None:
+                means = channel_means(record.layer, outputs[record.layer])
+                assert np.max(np.abs(means)) < mean_tolerance, f"{record.name}: channel means {means}"
+        elif not record.skipped:
+            assert record.initial_mean is None and record.final_mean is None, f"{record.name}: means without center"
         if record.skipped:
             for a, b in zip(before.get(record.layer, []), after.get(record.layer, []), strict=True):
                 np.testing.assert_array_equal(a, b, err_msg=f"{record.name} was not measured but changed")
@@ -222,7 +253,7 @@ def initialize_and_check(model, x, warned=None, **options):
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         else:
             warned.append(warning)
-    assert_report_is_true(model, x, report, before)
+    assert_report_is_true(model, x, report, before, select=options.get("targets"))
     return report
 
 

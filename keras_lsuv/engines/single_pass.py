@@ -32,6 +32,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lsuv.centering import Centering, channel_groups, find_centered_scale, is_centered, with_means
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.interception import intercepted_calls, is_traced
 from keras_lsuv.options import LSUVOptions
@@ -44,6 +45,7 @@ from keras_lsuv.rescale import (
     unit_scale,
     unit_scale_record,
     variable_dtype,
+    write_bias,
     write_kernel,
 )
 from keras_lsuv.statistics import Moments, fetch, moments, on_accelerator, variance, variance_on_device
@@ -174,6 +176,7 @@ class _SinglePass:
     ) -> None:
         self.model, self.batch, self.on_record = model, batch, on_record
         self.measure, self.criterion, self.scale_on_device = options.measure, options.criterion, options.scale_on_device
+        self.center = options.center
         self.states = [LayerState(t, Status.SKIPPED if t.skip_reason else Status.PENDING) for t in targets]
         # In the order the passes first reached them: a dict as an ordered set, checked at every intercepted call.
         self.reached: dict[LayerState, None] = {}
@@ -243,12 +246,14 @@ class _SinglePass:
             self._finish(state, state.record)
         for state in this_pass.tentative[end:]:
             write_kernel(state.target.scaled_kernel, state.kernel_original(), 1.0)  # undo: it is redone later
+            if self.center and state.target.host_bias is not None:
+                write_bias(state.target.layer.bias, state.target.host_bias)
             state.record = None
             if state.status is Status.TENTATIVE:
                 state.status = Status.PENDING
         for state in self.states:
             if state.status is Status.TRACED and state not in traced_before:
-                state.target.restore_kernels()  # not measured: it keeps its kernel, the layers after see that one
+                state.target.restore_weights()  # not measured: it keeps its kernel, the layers after see that one
         return this_pass.cause
 
     def _read_back(self, this_pass: Pass) -> None:
@@ -273,8 +278,9 @@ class _SinglePass:
         (ALBERT calls one transformer layer once per layer of depth), or a layer between two calls of a shared one.
         Rescaling those later layers moves the variance it was rescaled to, and the one of every layer in between.
         So every final layer is measured again over all its calls in one forward pass; those that were converged
-        and have left the tolerance are rescaled again, in processing order, by passes (a Gauss-Seidel sweep of the
-        paper's loop); at most `max_iterations` sweeps. Each record then gives the variance measured last.
+        and have left the tolerance (or, with `center=True`, whose channel means moved off zero) are rescaled again,
+        in processing order, by passes (a Gauss-Seidel sweep of the paper's loop); at most `max_iterations` sweeps.
+        Each record then gives the variance (and mean) measured last.
         """
         goal, tolerance = self.criterion.target_variance, self.criterion.tolerance
         sweeps = 0
@@ -286,7 +292,10 @@ class _SinglePass:
                 if state in measured
                 and state.record is not None
                 and state.record.converged
-                and abs(measured[state] - goal) >= tolerance
+                and (
+                    abs(measured[state].variance() - goal) >= tolerance
+                    or (state.record.final_mean is not None and not self._stays_centered(state, measured[state]))
+                )
             ]
             if not moved or sweeps >= self.criterion.max_iterations:
                 break
@@ -301,9 +310,10 @@ class _SinglePass:
                     scale=state.record.scale * again.scale,
                     iterations=state.record.iterations + again.iterations,
                 )
-        for state, value in measured.items():
+        for state, stats in measured.items():
             record = state.record
             assert record is not None
+            value = stats.variance()
             converged = abs(value - goal) < tolerance
             reason = record.reason
             if record.converged and not converged:
@@ -311,10 +321,13 @@ class _SinglePass:
                     f"its variance moves to {value:.3g} as layers after it are rescaled (a layer feeding its own later "
                     f"calls, such as a block shared along a chain): not within tolerance after {sweeps} sweeps"
                 )
-            state.record = dataclasses.replace(record, final_variance=value, converged=converged, reason=reason)
+            mean = None if record.final_mean is None else stats.grand_mean
+            state.record = dataclasses.replace(
+                record, final_variance=value, final_mean=mean, converged=converged, reason=reason
+            )
 
-    def _measure_final_layers(self) -> dict[LayerState, float]:
-        """Each final layer's measured variance over all its eager calls, in one plain forward pass."""
+    def _measure_final_layers(self) -> dict[LayerState, Moments]:
+        """Each final layer's moments over all its eager calls, in one plain forward pass."""
         final = {state.target.layer: state for state in self.states if state.status is Status.FINAL}
         measured: dict[LayerState, list[Moments]] = {state: [] for state in final.values()}
 
@@ -323,13 +336,19 @@ class _SinglePass:
                 with without_activation(layer) as activation:
                     z = original_call(*args, **kwargs)
                 if not is_traced((args, kwargs)):
-                    measured[final[layer]].append(moments(self.measure.of(z, activation)))
+                    groups = channel_groups(final[layer].target, z) if self.center else None
+                    part = final[layer].target.measured(self.measure.of(z, activation), args, kwargs)
+                    measured[final[layer]].append(moments(part, groups))
                 return _output(final[layer].target, original_call, args, kwargs, z, activation)
 
             return call
 
         self._forward(list(final), make_call)
-        return {state: _merged(stats).variance() for state, stats in measured.items() if stats}
+        return {state: _merged(stats) for state, stats in measured.items() if stats}
+
+    def _stays_centered(self, state: LayerState, stats: Moments) -> bool:
+        """With `center=True`: whether a final layer with a bias still has every channel's mean near zero."""
+        return not state.target.has_bias or is_centered(stats, self.criterion)
 
     def _finish(self, state: LayerState, record: LayerRecord) -> None:
         state.status, state.record, state.original = Status.FINAL, record, None
@@ -351,6 +370,7 @@ class _SinglePass:
         """
         return (
             self.measure.is_affine_in_kernel
+            and not self.center
             and (on_accelerator(preactivation) if self.scale_on_device is None else self.scale_on_device)
             and target.is_linear_in_kernel
             and not target.adds_bias()
@@ -359,16 +379,18 @@ class _SinglePass:
             and measurements_are_global()
         )
 
-    def _rescale_on_device(self, state: LayerState, preactivation: Any, activation: Callable[[Any], Any]) -> Any:
+    def _rescale_on_device(
+        self, state: LayerState, preactivation: Any, measured: Any, activation: Callable[[Any], Any]
+    ) -> Any:
         """Rescales the kernel by `unit_scale`, found on the device; returns the layer's output at that scale.
 
         `var(s·z) = s²·var(z)`, so neither the layer nor the host is needed again: the pass goes on at once, and the
         record is completed when the pass reads every such layer's variance, scale and stop code back together.
         """
-        measured = variance_on_device(preactivation)
-        scale, stop = unit_scale(measured, self.criterion)
+        value = variance_on_device(measured)
+        scale, stop = unit_scale(value, self.criterion)
         write_kernel(state.target.scaled_kernel, state.kernel_original(), scale)
-        state.on_device = (measured, scale, stop)
+        state.on_device = (value, scale, stop)
         return activation(ops.multiply(preactivation, scale))
 
     def _rescale_on_call(
@@ -386,7 +408,9 @@ class _SinglePass:
         with without_activation(layer) as activation:
             preactivation = original_call(*args, **kwargs)
         if self._scales_on_device(target, preactivation):
-            return self._rescale_on_device(state, preactivation, activation)
+            return self._rescale_on_device(
+                state, preactivation, target.measured(preactivation, args, kwargs), activation
+            )
         with _as_lsuv_error():
             self._read_back(this_pass)  # this layer reads its statistics back anyway: the earlier layers' come too
         if not target.is_linear_in_kernel or not _computes_in_full_precision(layer):
@@ -399,6 +423,8 @@ class _SinglePass:
         # s·L + B = s·z + (1 - s)·B, so no re-evaluation is needed. Only in float32/float64: in float16 or
         # bfloat16, z - B loses L in the rounding of z when the bias dominates, and s multiplies that error.
         z = ops.cast(preactivation, "float32")  # a no-op for float32
+        if self.center:
+            return self._center_on_call(state, z, activation, preactivation.dtype, args, kwargs)
         bias = target.bias_term(z)
 
         def at_scale(scale: float) -> Any:
@@ -407,12 +433,12 @@ class _SinglePass:
 
         floor = None  # the least variance of the pre-activation over all scales: the bias may keep it above target
         if self.measure.is_affine_in_kernel:
-            variance_at = _preactivation_variance(z, bias, target.host_bias)
+            variance_at = _preactivation_variance(target.measured(z, args, kwargs), bias, target.host_bias)
             floor = None if bias is None else _lowest_variance(variance_at)
         else:
 
             def variance_at(scale: float) -> float:
-                return variance(activation(at_scale(scale)))
+                return variance(target.measured(activation(at_scale(scale)), args, kwargs))
 
         kernel, original = target.scaled_kernel, state.kernel_original()
         limit = ScaleLimit.of(kernel, original, layer, _output_peak(layer, z))
@@ -422,6 +448,36 @@ class _SinglePass:
             return activation(preactivation)
         write_kernel(kernel, original, record.scale)
         return activation(ops.cast(at_scale(record.scale), preactivation.dtype))
+
+    def _center_on_call(
+        self,
+        state: LayerState,
+        z: Any,
+        activation: Callable[[Any], Any],
+        dtype: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """`center=True` in closed form: the bias set to `-s·mean_c(L)` and the kernel scaled by `s`, where `s` gives
+        unit variance to the centered `s·(z - mean_c(z))` (`centering.py`); returns the layer's output at them."""
+        target = state.target
+        layer, kernel, original = target.layer, target.scaled_kernel, state.kernel_original()
+        groups = channel_groups(target, z)
+        before = moments(target.measured(z, args, kwargs), groups)
+        limit = ScaleLimit.of(kernel, original, layer, _output_peak(layer, z))
+        variance_at = before.centered().variance if groups is not None else before.variance
+        with _as_lsuv_error():
+            record = find_scale(target, variance_at, self.criterion, limit)
+        write_kernel(kernel, original, record.scale)
+        if groups is None:
+            output = ops.multiply(z, record.scale)
+        else:
+            bias = np.zeros(before.mean.shape) if target.host_bias is None else target.host_bias
+            Centering.of(target, before, bias).write(record.scale)
+            means = ops.reshape(ops.convert_to_tensor(before.mean.astype("float32")), groups)
+            output = ops.multiply(ops.subtract(z, means), record.scale)
+        state.record = with_means(target, record, before, moments(target.measured(output, args, kwargs)))
+        return activation(ops.cast(output, dtype))
 
     def _rescale_by_reevaluation(
         self,
@@ -441,6 +497,22 @@ class _SinglePass:
         layer, kernel = target.layer, target.scaled_kernel
         original = state.kernel_original()
         latest = {"scale": 1.0, "preactivation": preactivation}
+        limit = ScaleLimit.of(kernel, original, layer, _output_peak(layer, preactivation))
+        if self.center:
+            evaluated = [False]  # the first measure is of `preactivation`: scale 1, the bias as it is
+
+            def measure_at(scale: float) -> Moments:
+                if evaluated[0]:
+                    write_kernel(kernel, original, scale)
+                    with without_activation(layer):
+                        latest["preactivation"] = original_call(*args, **kwargs)
+                evaluated[0] = True
+                z = latest["preactivation"]
+                return moments(target.measured(z, args, kwargs), channel_groups(target, z))
+
+            with _as_lsuv_error():
+                record = find_centered_scale(target, measure_at, self.criterion, limit)
+            return record, _output(target, original_call, args, kwargs, latest["preactivation"], activation)
 
         def variance_at(scale: float) -> float:
             if scale != latest["scale"]:
@@ -448,9 +520,8 @@ class _SinglePass:
                 with without_activation(layer):
                     latest.update(scale=scale, preactivation=original_call(*args, **kwargs))
             z = latest["preactivation"]
-            return variance(self.measure.of(z, activation))
+            return variance(target.measured(self.measure.of(z, activation), args, kwargs))
 
-        limit = ScaleLimit.of(kernel, original, layer, _output_peak(layer, preactivation))
         with _as_lsuv_error():
             record = find_scale(target, variance_at, self.criterion, limit)
         return record, _output(target, original_call, args, kwargs, latest["preactivation"], activation)
@@ -465,19 +536,24 @@ class _SinglePass:
             def call(*args: Any, **kwargs: Any) -> Any:
                 with without_activation(layer) as activation:
                     z = original_call(*args, **kwargs)
-                measured.append(moments(self.measure.of(z, activation)))
+                groups = channel_groups(target, z) if self.center else None
+                measured.append(moments(target.measured(self.measure.of(z, activation), args, kwargs), groups))
                 return _output(target, original_call, args, kwargs, z, activation)
 
             return call
 
-        def variance_at(scale: float) -> float:
+        def measure_at(scale: float) -> Moments:
             write_kernel(kernel, original, scale)
             measured.clear()
             self._forward([layer], make_call)
-            return _merged(measured).variance()
+            return _merged(measured)
 
         measured: list[Moments] = []
-        record = find_scale(target, variance_at, self.criterion, ScaleLimit.of(kernel, original, layer, 0.0))
+        limit = ScaleLimit.of(kernel, original, layer, 0.0)
+        if self.center:
+            record = find_centered_scale(target, measure_at, self.criterion, limit)
+        else:
+            record = find_scale(target, lambda scale: measure_at(scale).variance(), self.criterion, limit)
         write_kernel(kernel, original, record.scale)
         return record
 

@@ -12,11 +12,12 @@ from typing import Any
 
 import keras
 
+from keras_lsuv.centering import channel_groups, find_centered_scale
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.options import LSUVOptions
 from keras_lsuv.report import LayerRecord
 from keras_lsuv.rescale import ScaleLimit, find_scale, float32_copy, write_kernel
-from keras_lsuv.statistics import variance
+from keras_lsuv.statistics import Moments, moments, variance
 from keras_lsuv.targets import Target, find_targets, without_activation
 
 
@@ -50,7 +51,7 @@ def run_submodel(
                 record = records[target] = _rescale_with_submodel(target, graph, graph_batch, options)
                 if not record.skipped:
                     on_record(record)
-            elif inside := find_targets(layer):
+            elif inside := find_targets(layer, options.targets):
                 inner = inside[0].layer
                 raise ValueError(
                     f"engine='submodel' cannot reach layer '{inner.name}' inside '{layer.name}' "
@@ -85,13 +86,25 @@ def _rescale_with_submodel(target: Target, graph: keras.Model, graph_batch: Any,
     submodel = keras.Model(graph.inputs, layer.output)
     kernel = target.scaled_kernel
     original = float32_copy(kernel)
+    # The layer's inputs, for what `Target.measured` leaves out (the padding of an embedding with `mask_zero`).
+    inputs = (keras.Model(graph.inputs, layer.input)(graph_batch, training=False),) if target.is_embedding else ()
 
     def variance_at(scale: float) -> float:
         write_kernel(kernel, original, scale)
         with without_activation(layer) as activation:
             z = submodel(graph_batch, training=False)
-        return variance(options.measure.of(z, activation))
+        return variance(target.measured(options.measure.of(z, activation), inputs, {}))
 
-    record = find_scale(target, variance_at, options.criterion, ScaleLimit.of(kernel, original, layer, 0.0))
+    def measure_at(scale: float) -> Moments:  # center=True: the pre-activation's moments per channel
+        write_kernel(kernel, original, scale)
+        with without_activation(layer):
+            z = submodel(graph_batch, training=False)
+        return moments(target.measured(z, inputs, {}), channel_groups(target, z))
+
+    limit = ScaleLimit.of(kernel, original, layer, 0.0)
+    if options.center:
+        record = find_centered_scale(target, measure_at, options.criterion, limit)
+    else:
+        record = find_scale(target, variance_at, options.criterion, limit)
     write_kernel(kernel, original, record.scale)
     return record

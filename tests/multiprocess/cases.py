@@ -22,6 +22,7 @@ CASES = {
     "seed_none": {"options": {"seed": None}, "bias": True, "sizes": (64, 64)},
     "model_parallel": {"options": {}, "bias": True, "sizes": (64, 64), "distribution": "model_parallel"},
     "not_distributed": {"options": {}, "bias": True, "sizes": (40, 88), "distribution": "none"},
+    "centered": {"options": {"center": True}, "bias": True, "sizes": (64, 64)},
 }
 # `fit` with `LSUVCallback` on each process's shard.
 FIT = {"options": {}, "bias": True, "sizes": (64, 64)}

@@ -110,10 +110,13 @@ def assert_layers_reach_unit_variance(weights, case):
     """Re-measures every layer's pre-activation variance on the global batch with the processes' weights."""
     model = cases.make_model(case["bias"])
     model.set_weights(weights)
-    variances = zoo.preactivation_variances(model, cases.concatenated(case["sizes"]))
-    assert len(variances) == 5
-    for layer, variance in variances.items():
+    outputs = zoo.preactivations(model, cases.concatenated(case["sizes"]))
+    assert len(outputs) == 5
+    for layer, zs in outputs.items():
+        variance = float(np.var(np.concatenate([z.ravel() for z in zs])))
         assert abs(variance - 1.0) < TOLERANCE, f"{layer.name}: {variance}"
+        if case["options"].get("center"):  # the means are global too: zero per channel on the global batch
+            np.testing.assert_allclose(zoo.channel_means(layer, zs), 0.0, atol=1e-4, err_msg=layer.name)
 
 
 GLOBAL_CASES = [name for name, case in cases.CASES.items() if case["options"].get("seed", 0) == 0]

@@ -1,0 +1,135 @@
+"""`center=True`: every target's pre-activation at zero mean per channel and unit variance, measured on the model."""
+
+import keras
+import numpy as np
+import pytest
+import zoo
+
+import keras_lsuv
+from keras_lsuv.centering import NO_BIAS_REASON
+from keras_lsuv.guard import trained_weights_evidence, training_evidence
+
+layers = keras.layers
+
+
+class SquaredDense(layers.Dense):
+    """A `call` of its own: LSUV re-evaluates it at each scale instead of using the closed form."""
+
+    def call(self, x):
+        return super().call(x) + 0.1 * keras.ops.square(super().call(x))
+
+
+def channels_first_cnn():
+    if keras.backend.backend() == "tensorflow":
+        pytest.skip("TensorFlow's CPU convolutions do not run channels_first")
+    return keras.Sequential(
+        [
+            keras.Input((3, 8, 8)),
+            layers.Conv2D(6, 3, data_format="channels_first", activation="relu"),
+            layers.Conv2D(4, 3, data_format="channels_first"),
+        ]
+    )
+
+
+def mixed_biases():
+    """A custom `call`, a layer without bias, and a shared layer (called twice: rescaled by whole passes)."""
+    inputs = keras.Input((16,))
+    h = SquaredDense(24, activation="tanh", name="custom")(inputs)
+    h = layers.Dense(24, activation="relu", use_bias=False, name="no_bias")(h)
+    shared = layers.Dense(24, activation="tanh", name="shared")
+    return keras.Model(inputs, layers.Dense(3, name="head")(shared(shared(h))))
+
+
+MODELS = {
+    "deep_mlp": lambda: zoo.deep_mlp(depth=4),
+    "residual_cnn": zoo.residual_cnn,
+    "nested": zoo.nested_model,
+    "transformer": zoo.small_attention,
+    "subclassed_shared": zoo.Subclassed,
+    "channels_first": channels_first_cnn,
+    "custom_no_bias_shared": mixed_biases,
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_channel_is_centered_and_every_variance_unit_as_measured_on_the_model(name):
+    model = MODELS[name]()
+    x = zoo.batch_for(model) + np.float32(1.5)  # inputs off zero, so that the pre-activations are too
+    model(x[:2])
+    report = zoo.initialize_and_check(model, x, center=True)  # the oracle checks the channel means and the records
+    measured = [r for r in report.records if not r.skipped]
+    assert measured and all(r.converged for r in measured)
+    assert max(abs(r.initial_mean) for r in measured) > 0.1  # there was something to center
+
+
+def test_the_submodel_engine_centers_as_the_single_pass_one():
+    x = zoo.batch_for(zoo.residual_cnn()) + np.float32(1.5)
+    single, reference = zoo.residual_cnn(), zoo.residual_cnn()
+    reference.set_weights(single.get_weights())
+    zoo.initialize_and_check(single, x, center=True)
+    zoo.initialize_and_check(reference, x, center=True, engine="submodel")
+    for a, b in zip(zoo.weights_of(single), zoo.weights_of(reference), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_a_layer_without_bias_is_scaled_only_and_its_record_says_so():
+    model = mixed_biases()
+    x = zoo.batch_for(model) + np.float32(1.5)
+    report = zoo.initialize_and_check(model, x, center=True)
+    record = report[model.get_layer("no_bias")]
+    assert record.converged and record.reason == NO_BIAS_REASON
+    assert record.final_mean == pytest.approx(record.initial_mean * record.scale, rel=1e-3)  # scaled, not moved
+    assert f"ok ({NO_BIAS_REASON})" in str(report)
+    assert all(r.reason is None for r in report.records if r.layer.name != "no_bias")
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
+def test_mixed_precision_layers_are_centered_by_reevaluation(policy):
+    model = zoo.deep_mlp(depth=3)
+    x = zoo.batch_for(model) + np.float32(1.5)
+    model(x[:2])
+    before = zoo.kernels_by_layer(model)
+    report = zoo.run(model, x, center=True)
+    zoo.assert_report_is_true(model, x, report, before, mean_tolerance=0.05)
+    assert all(w.dtype == np.float32 for w in zoo.weights_of(model))  # the variables keep their own dtype
+
+
+def test_a_failure_puts_every_bias_back():
+    class Fail(layers.Layer):
+        def call(self, x):
+            return x * np.float32(np.nan)
+
+    inputs = keras.Input((16,))
+    h = layers.Dense(16, activation="relu", bias_initializer="ones")(inputs)
+    h = layers.Dense(16, activation="relu")(h)
+    model = keras.Model(inputs, layers.Dense(4)(Fail()(h)))
+    x = zoo.batch_for(model) + np.float32(1.5)
+    before = zoo.weights_of(model)
+    with pytest.raises(ValueError, match="non-finite"):
+        zoo.run(model, x, center=True)
+    for a, b in zip(before, zoo.weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_guard_takes_a_centered_model_for_fresh_and_a_trained_one_for_trained():
+    model = zoo.deep_mlp(depth=3)
+    x = zoo.batch_for(model) + np.float32(1.5)
+    zoo.run(model, x, center=True)
+    assert np.any(model.layers[0].bias)  # the biases were set
+    assert training_evidence(model) is None  # freshly centered: LSUVCallback may initialize it
+
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    callback = keras_lsuv.LSUVCallback(x, center=True, verbose=0)
+    model.fit(x, np.zeros(len(x), "int32"), epochs=1, batch_size=len(x), verbose=0, callbacks=[callback])
+    assert callback.report.skipped_reason is None and callback.report.center
+    assert "bias that is no longer" in trained_weights_evidence(model)  # trained: moved from what LSUV set
+
+    restored = zoo.deep_mlp(depth=3)
+    restored.build((None, 16))
+    restored.set_weights(model.get_weights())  # trained from what LSUV centered, no optimizer state
+    assert "bias that is no longer" in trained_weights_evidence(restored)
+    with pytest.warns(UserWarning, match="LSUV skipped: the model's weights look already trained"):
+        restored.compile(optimizer="sgd", loss="mse")
+        again = keras_lsuv.LSUVCallback(x, center=True, verbose=0)
+        restored.fit(x, np.zeros((len(x), 10)), epochs=1, batch_size=len(x), verbose=0, callbacks=[again])
+    assert again.report.skipped_reason

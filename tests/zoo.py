@@ -58,6 +58,25 @@ class Subclassed(keras.Model):
         return self.head(keras.ops.reshape(h, (-1, 32 * 8)))
 
 
+class SharedAlongTheChain(keras.Model):
+    """One residual block called once per layer of depth (as ALBERT shares its transformer layer): each call of the
+    block feeds the next, so rescaling `ffn2` moves what `ffn1` measures at its later calls."""
+
+    def __init__(self, depth=4):
+        super().__init__()
+        self.proj = layers.Dense(16)
+        self.ffn1 = layers.Dense(32, activation="gelu")
+        self.ffn2 = layers.Dense(16)
+        self.head = layers.Dense(3)
+        self.depth = depth
+
+    def call(self, x):
+        h = self.proj(x)
+        for _ in range(self.depth):
+            h = h + self.ffn2(self.ffn1(h))
+        return self.head(h)
+
+
 def transformer_block(seq=6, dim=16):
     inputs = keras.Input((seq, dim))
     attention = layers.MultiHeadAttention(num_heads=2, key_dim=8)(inputs, inputs)
@@ -205,7 +224,7 @@ def assert_report_is_true(model, x, report, before, tolerance=0.1, select=None, 
     """
     outputs = preactivations(model, x, select)
     measured = {layer: float(np.var(np.concatenate([z.ravel() for z in zs]))) for layer, zs in outputs.items()}
-    after = kernels_by_layer(model)
+    after = kernels_by_layer(model, select)
     recorded = [record.layer for record in report.records]
     assert len({id(layer) for layer in recorded}) == len(recorded), "a layer has several records"
     targets = target_layers(model, select)

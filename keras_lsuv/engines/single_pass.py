@@ -278,24 +278,25 @@ class _SinglePass:
         (ALBERT calls one transformer layer once per layer of depth), or a layer between two calls of a shared one.
         Rescaling those later layers moves the variance it was rescaled to, and the one of every layer in between.
         So every final layer is measured again over all its calls in one forward pass; those that were converged
-        and have left the tolerance (or, with `center=True`, whose channel means moved off zero) are rescaled again,
-        in processing order, by passes (a Gauss-Seidel sweep of the paper's loop); at most `max_iterations` sweeps.
-        Each record then gives the variance (and mean) measured last.
+        and have left the tolerance are rescaled again, in processing order, by passes (a Gauss-Seidel sweep of the
+        paper's loop), and so are those whose channel means moved off zero with `center=True`; at most
+        `max_iterations` sweeps. Each record then gives the variance (and mean) measured last, and says where they
+        are not within tolerance. (Subtracting the measured means from all biases at once instead diverges on a
+        chain of shared layers: each bias moves the means of the layers after it, in every call.)
         """
         goal, tolerance = self.criterion.target_variance, self.criterion.tolerance
         sweeps = 0
         while True:
             measured = self._measure_final_layers()
-            moved = [
+            settled = [
                 state
                 for state in self.reached
-                if state in measured
-                and state.record is not None
-                and state.record.converged
-                and (
-                    abs(measured[state].variance() - goal) >= tolerance
-                    or (state.record.final_mean is not None and not self._stays_centered(state, measured[state]))
-                )
+                if state in measured and state.record is not None and state.record.converged
+            ]
+            moved = [
+                state
+                for state in settled
+                if abs(measured[state].variance() - goal) >= tolerance or not self._centered(state, measured)
             ]
             if not moved or sweeps >= self.criterion.max_iterations:
                 break
@@ -320,6 +321,13 @@ class _SinglePass:
                 reason = (
                     f"its variance moves to {value:.3g} as layers after it are rescaled (a layer feeding its own later "
                     f"calls, such as a block shared along a chain): not within tolerance after {sweeps} sweeps"
+                )
+            elif record.converged and not self._centered(state, measured):
+                converged = False
+                reason = (
+                    f"its channel means move to up to {np.max(np.abs(stats.mean)):.3g} as layers after it are "
+                    "rescaled (a layer feeding its own later calls, such as a block shared along a chain): not "
+                    f"centered after {sweeps} sweeps"
                 )
             mean = None if record.final_mean is None else stats.grand_mean
             state.record = dataclasses.replace(
@@ -346,9 +354,12 @@ class _SinglePass:
         self._forward(list(final), make_call)
         return {state: _merged(stats) for state, stats in measured.items() if stats}
 
-    def _stays_centered(self, state: LayerState, stats: Moments) -> bool:
-        """With `center=True`: whether a final layer with a bias still has every channel's mean near zero."""
-        return not state.target.has_bias or is_centered(stats, self.criterion)
+    def _centered(self, state: LayerState, measured: dict[LayerState, Moments]) -> bool:
+        """Whether a final layer is as centering left it: always without `center=True` or without a bias, else
+        when every channel's mean measured in `measured` is still near zero."""
+        if not (self.center and state.target.has_bias):
+            return True
+        return is_centered(measured[state], self.criterion)
 
     def _finish(self, state: LayerState, record: LayerRecord) -> None:
         state.status, state.record, state.original = Status.FINAL, record, None

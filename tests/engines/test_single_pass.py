@@ -358,27 +358,8 @@ def test_the_first_non_finite_layer_is_named_and_every_weight_restored(after_kin
         np.testing.assert_array_equal(a, b)
 
 
-class SharedAlongTheChain(keras.Model):
-    """One residual block called once per layer of depth (as ALBERT shares its transformer layer): each call of the
-    block feeds the next, so rescaling `ffn2` moves what `ffn1` measures at its later calls."""
-
-    def __init__(self, depth=4):
-        super().__init__()
-        self.proj = layers.Dense(16)
-        self.ffn1 = layers.Dense(32, activation="gelu")
-        self.ffn2 = layers.Dense(16)
-        self.head = layers.Dense(3)
-        self.depth = depth
-
-    def call(self, x):
-        h = self.proj(x)
-        for _ in range(self.depth):
-            h = h + self.ffn2(self.ffn1(h))
-        return self.head(h)
-
-
 def test_a_block_shared_along_the_chain_is_settled_until_every_record_is_true():
-    model = SharedAlongTheChain()
+    model = zoo.SharedAlongTheChain()
     x = zoo.batch_for(model, n=128) * np.float32(3.0)
     report = zoo.initialize_and_check(model, x)  # every call of every layer re-measured against the report
     assert report.converged

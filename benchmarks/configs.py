@@ -20,6 +20,12 @@ FULL = {
     "train_steps": 3,
     "memory_depth": 32,
     "initializer_shapes": [(256, 256), (1024, 1024), (4096, 4096), (3, 3, 512, 512)],
+    # The first-call section's own models: label -> (`models` factory, its arguments, batch, input shape).
+    "first_call": {
+        "MLP 20x Dense(64) tanh, batch 256": ("mlp", (20, 64), 256, (64,)),
+        "12x Conv2D(32) relu, 16x16x3, batch 128": ("conv_stack", (12, (16, 16, 3), False, 32), 128, (16, 16, 3)),
+        "transformer 4 blocks, 32x64 tokens, batch 64": ("transformer", (4, 32, 64, 4, 256), 64, (32, 64)),
+    },
 }
 TARGET_BATCHES = [("GPT-2", (12, 768, 12, 128), 32), ("ResNet50", (128,), 64)]
 # scripts/gpu_bench.sh: the GPU sizes (GPT-2 medium 24 x 1024 at 8 x 512 tokens, ResNet50 224² batch 64).
@@ -27,6 +33,7 @@ GPU = {
     **FULL,
     "real_models": [("GPT-2", (24, 1024, 16, 512), 8), ("ResNet50", (224,), 64)],
     "peer_resnet": {"image": 224, "batch": 64, "blocks": (3, 4, 6, 3), "width": 64},
+    "first_call_real": False,  # the first-call section on its small models only: fresh processes cost device time
 }
 QUICK = {
     "depths": [2, 4],
@@ -40,4 +47,5 @@ QUICK = {
     "train_steps": 1,
     "memory_depth": 4,
     "initializer_shapes": [(64, 64), (3, 3, 16, 16)],
+    "first_call": {"MLP 2x Dense(8) tanh, batch 4": ("mlp", (2, 8), 4, (8,))},
 }

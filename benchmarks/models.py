@@ -1,4 +1,5 @@
-"""The models the benchmark measures, and their inputs: conv stacks, a GPT-2 block stack, ResNet50, torch twins.
+"""The models the benchmark measures, and their inputs: conv stacks, an MLP, a small transformer, a GPT-2 block
+stack, ResNet50, torch twins.
 
 keras-hub's `GPT2Backbone` is not used: keras-hub is installed with `--no-deps` for the tests' sweep only (its
 declared dependencies pull `tensorflow-text` and with it the full `tensorflow` beside `tensorflow-cpu`), and the
@@ -15,20 +16,20 @@ from __future__ import annotations
 GPT2_VOCABULARY = 50257
 
 
-def conv_stack(depth, image, batch_norm=False):
-    """`depth` Conv2D(16, 3, relu) layers (or Conv2D, BatchNormalization, ReLU), pooled to 10 logits if BN."""
+def conv_stack(depth, image, batch_norm=False, filters=16):
+    """`depth` Conv2D(`filters`, 3, relu) layers (or Conv2D, BatchNormalization, ReLU)."""
     import keras
 
     layers = [keras.Input(image)]
     for _ in range(depth):
         if batch_norm:
             layers += [
-                keras.layers.Conv2D(16, 3, padding="same", use_bias=False),
+                keras.layers.Conv2D(filters, 3, padding="same", use_bias=False),
                 keras.layers.BatchNormalization(),
                 keras.layers.ReLU(),
             ]
         else:
-            layers.append(keras.layers.Conv2D(16, 3, padding="same", activation="relu"))
+            layers.append(keras.layers.Conv2D(filters, 3, padding="same", activation="relu"))
     return keras.Sequential(layers)
 
 
@@ -41,6 +42,29 @@ def classifier(depth, image, batch_norm):
     )
     model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
+
+
+def mlp(depth, width):
+    """`depth` Dense(`width`, tanh) layers on `width` features, then a 10-way Dense."""
+    import keras
+
+    hidden = [keras.layers.Dense(width, activation="tanh") for _ in range(depth)]
+    return keras.Sequential([keras.Input((width,)), *hidden, keras.layers.Dense(10)])
+
+
+def transformer(blocks, tokens, width, heads, ffn):
+    """`blocks` post-norm encoder blocks (`MultiHeadAttention` of `heads` x `width // heads`, a GELU MLP of `ffn`,
+    `LayerNormalization` after each residual sum) on `tokens` x `width` float inputs."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((tokens, width))
+    x = inputs
+    for _ in range(blocks):
+        x = layers.LayerNormalization()(x + layers.MultiHeadAttention(heads, width // heads)(x, x))
+        h = layers.Dense(ffn, activation="gelu")(x)
+        x = layers.LayerNormalization()(x + layers.Dense(width)(h))
+    return keras.Model(inputs, x)
 
 
 def inputs(batch, image):

@@ -7,9 +7,9 @@ every ratio divides two times measured in the same process), prints docs/benchma
 markers (`page.py`), and writes the page and the results beside it (docs/benchmarks.json). `--output` names another
 page to write (the results go beside it); `--quick` and `--gpu` write nothing unless given `--output`. The sizes
 are in `configs.py`, the models in `models.py`, the timing and the processes in `harness.py`. The sections, in the
-page's order: 1. cost vs depth (`cost.py`), 2. real models (`real.py`), 3. the PyTorch `lsuv` package (`peer.py`,
-`peer_resnet.py`), 4. the initializer (`initializer.py`), 5. training overhead (`training.py`), 6. memory
-(`memory.py`).
+page's order: 0. first calls in fresh processes (`first_call.py`), 1. cost vs depth (`cost.py`), 2. real models
+(`real.py`), 3. the PyTorch `lsuv` package (`peer.py`, `peer_resnet.py`), 4. the initializer (`initializer.py`),
+5. training overhead (`training.py`), 6. memory (`memory.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import configs
 import harness
 import page
-from sections import SECTIONS, SHARED, memory
+from sections import SECTIONS, SHARED, first_call, memory
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -38,9 +38,14 @@ def worker(config, repeats):
             print(json.dumps({"section": name, "backend": keras.backend.backend(), **row}), flush=True)
 
 
-def measure(backend, flags):
-    """Every section's rows on `backend`: the shared sections in one process, each memory mode in one of its own."""
+def measure(backend, flags, config, first_calls):
+    """Every section's rows on `backend`: the shared sections in one process, each memory mode in one of its own, and
+    each case's first forward and first LSUV call in `first_calls` fresh processes each (alternated)."""
     processes = [["--worker"]] + [["--memory-probe", mode] for mode in memory.MODES]
+    cases = first_call.cases(config)
+    processes += [
+        ["--first-call", case, mode] for _ in range(first_calls) for case in cases for mode in first_call.MODES
+    ]
     return [row for arguments in processes for row in harness.run_process(__file__, backend, *arguments, *flags)]
 
 
@@ -68,6 +73,7 @@ def main():
     parser.add_argument("--output", help="markdown file to write (default docs/benchmarks.md, none with --quick)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-probe", choices=memory.MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--first-call", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = configs.QUICK if args.quick else configs.GPU if args.gpu else configs.FULL
     if args.real_models == "all":
@@ -79,13 +85,17 @@ def main():
     if args.memory_probe:
         memory.probe(config, args.memory_probe)
         return
+    if args.first_call:
+        first_call.probe(config, *args.first_call)
+        return
     start = time.perf_counter()
     flags = ["--quick"] * args.quick + ["--gpu"] * args.gpu + ["--repeats", str(repeats)]
     flags += ["--real-models", args.real_models]
     backends = args.backends.split(",")
     results = {name: [] for name in SECTIONS}
     with concurrent.futures.ThreadPoolExecutor(len(backends) if args.parallel else 1) as pool:
-        for rows in pool.map(lambda backend: measure(backend, flags), backends):
+        first_calls = 1 if args.quick else first_call.PROCESSES
+        for rows in pool.map(lambda backend: measure(backend, flags, config, first_calls), backends):
             for row in rows:
                 results[row.pop("section")].append(row)
     run = {

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# On a GPU machine: the real-model benchmark (GPT-2 24 x 1024 at 8 x 512 tokens, ResNet50 224² batch 64: forward,
-# full LSUV, rescale only, step 1 alone), the step-1 candidates and the initializer, on every installed backend.
+# On a GPU machine: the first calls in fresh processes (the first-call section's MLP, conv stack and transformer:
+# the model's first forward call and lsuv_init's, three processes each), the real-model benchmark (GPT-2 24 x 1024
+# at 8 x 512 tokens, ResNet50 224² batch 64: forward, full LSUV, rescale only, step 1 alone), the step-1 candidates
+# and the initializer, on every installed backend.
 # Prints markdown tables; writes nothing into the repository.
 #
 # Usage: scripts/gpu_bench.sh [BACKEND ...]     (default: tensorflow jax torch)

@@ -1,15 +1,16 @@
 """The sections of the benchmark page, one module each, registered in `SECTIONS` in the page's order.
 
 Each module has `rows(config, repeats)`, which measures in a process of the backend under test and yields one dict
-per row of results (`memory.py`, whose numbers need a fresh process, has `probe(config, mode)` instead), and
+per row of results (`memory.py` and `first_call.py`, whose numbers need fresh processes, have `probe` instead), and
 `render(results, config)`, which returns the markdown of docs/benchmarks.md's markers it fills (its table or tables,
 and the figures its prose quotes) from every section's rows. A module with `targets(results)` adds its lines to the
 page's list of targets, checked against the rows. A section that only applies to one backend says so in `rows`.
 """
 
-from sections import cost, initializer, memory, peer, peer_resnet, real, training
+from sections import cost, first_call, initializer, memory, peer, peer_resnet, real, training
 
-# Measured in this order, in one process per backend; then `memory.MODES`, each in a fresh process per backend.
+# Measured in this order, in one process per backend; then `memory.MODES`, each in a fresh process per backend, and
+# each first call (`first_call.probe`) in fresh processes of its own.
 SHARED = {
     "cost": cost,
     "real": real,
@@ -18,4 +19,4 @@ SHARED = {
     "initializer": initializer,
     "training": training,
 }
-SECTIONS = {**SHARED, "memory": memory}
+SECTIONS = {"first_call": first_call, **SHARED, "memory": memory}

@@ -112,7 +112,8 @@ report-figure: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run.py --quick
 
-# The full benchmark (under 10 minutes on 2 CPU cores): prints the report and writes docs/benchmarks.md.
+# The full benchmark: prints the report and writes docs/benchmarks.md. The page's run (`--repeats 1 --real-models
+# all`) took 42 minutes on 2 CPU cores, most of it the first-call section's 126 fresh processes.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 

@@ -117,7 +117,7 @@ def run_lsuv(model: keras.Model, x: Any, options: LSUVOptions) -> LSUVReport:
     verbose = options.verbosity
     progress = keras.utils.Progbar(len(active), verbose=int(verbose == 1), unit_name="layer")
     for target in active:
-        target.save_weights()
+        target.save_weights(bias=options.center)
     # The forward pass runs stateful layers (a stateful RNN updates its state): put their state back afterwards.
     states = [(state, ops.copy(state.value)) for state in _layer_states(model)]
     try:

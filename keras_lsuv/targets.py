@@ -44,27 +44,24 @@ class Target:
         layer: The Keras layer.
         skip_reason: Why it is left alone (frozen, kernel not a plain
             variable), else `None`.
-        before: The weights LSUV may change (kernels, and the bias), as they were before the run (`save_weights`).
+        before: The weights the run may change, each with its value before the run (`save_weights`).
         host_bias: The bias's values on the host, flat, float64 (`read_biases`); `None` until read or without bias.
     """
 
     layer: keras.layers.Layer
     skip_reason: str | None = None
-    before: list[Any] | None = dataclasses.field(default=None, repr=False)
+    before: list[tuple[keras.Variable, Any]] = dataclasses.field(default_factory=list, repr=False)
     host_bias: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
-    @property
-    def touched(self) -> list[keras.Variable]:
-        """Every weight LSUV may change: the kernels, and the bias (`center=True` sets it)."""
-        return self.kernels + ([self.layer.bias] if self.has_bias else [])
-
-    def save_weights(self) -> None:
-        """Keeps a copy of the weights LSUV may change as they are now, for `restore_weights`."""
-        self.before = [ops.copy(weight.value) for weight in self.touched]
+    def save_weights(self, bias: bool) -> None:
+        """Keeps a copy of the kernels as they are now, and of the bias if `bias` (`center=True` sets it), for
+        `restore_weights`."""
+        weights = self.kernels + ([self.layer.bias] if bias and self.has_bias else [])
+        self.before = [(weight, ops.copy(weight.value)) for weight in weights]
 
     def restore_weights(self) -> None:
         """Puts back the weights saved by `save_weights` (a target LSUV does not measure keeps them)."""
-        for weight, value in zip(self.touched, self.before or [], strict=False):
+        for weight, value in self.before:
             weight.assign(value)
 
     @property
@@ -200,8 +197,9 @@ def find_targets(model: keras.layers.Layer, select: Callable[[keras.layers.Layer
 def read_biases(targets: list[Target]) -> None:
     """Reads the biases of `targets` to the host (`Target.host_bias`) in one transfer.
 
-    LSUV never changes a bias, so the engine reads them all once, before its pass, rather than once per layer in the
-    middle of it, where each read would make an accelerator wait for the host.
+    The engine reads them all once, before its pass, rather than once per layer in the middle of it, where each read
+    would make an accelerator wait for the host. They stay the biases as the run found them (`center=True` writes
+    new ones to the layers, not here).
     """
     with_bias = [t for t in targets if getattr(t.layer, "bias", None) is not None]
     if not with_bias:

@@ -110,6 +110,23 @@ def resnet50(image_size):
     return keras.applications.ResNet50(weights=None, input_shape=(image_size, image_size, 3))
 
 
+def real_label(name, arguments, batch):
+    """The label of a config's real model `(name, arguments, batch)`: `"GPT-2 ..."` or `"ResNet50 ..."`."""
+    if name == "GPT-2":
+        layers, width, _, tokens = arguments
+        return f"GPT-2 {layers}x{width}, {batch}x{tokens} tokens"
+    (image,) = arguments
+    return f"ResNet50 {image}x{image}, batch {batch}"
+
+
+def real_model(name, arguments, batch):
+    """A config's real model `(name, arguments, batch)` and its input batch: `gpt2` on token ids, or `resnet50`."""
+    if name == "GPT-2":
+        return gpt2(*arguments), token_ids(batch, arguments[3])
+    (image,) = arguments
+    return resnet50(image), inputs(batch, (image, image, 3))
+
+
 def torch_conv_stack(depth, channels):
     """`conv_stack` in torch (NCHW): `depth` Conv2d(16, 3, padding=1) / ReLU pairs on `channels` input channels."""
     import torch

@@ -133,9 +133,12 @@ def _is_tracer(value):
 
 def preactivation_variances(model, x):
     """Each target layer's pre-activation variance over every call of it in a plain forward pass, by layer object."""
-    return {
-        layer: float(np.var(np.concatenate([z.ravel() for z in zs]))) for layer, zs in preactivations(model, x).items()
-    }
+    return pooled_variances(preactivations(model, x))
+
+
+def pooled_variances(outputs):
+    """Each layer's variance over all its calls' outputs together, from `preactivations`."""
+    return {layer: float(np.var(np.concatenate([z.ravel() for z in zs]))) for layer, zs in outputs.items()}
 
 
 def channel_means(layer, outputs):
@@ -198,18 +201,21 @@ def weights_of(model):
     return [np.array(keras.ops.convert_to_numpy(w)) for w in model.weights]
 
 
+def kernels_of(layer):
+    """A built target layer's kernel variables: both of a separable conv, the matrix of an embedding."""
+    if hasattr(layer, "pointwise_kernel"):
+        return [layer.depthwise_kernel, layer.pointwise_kernel]
+    return [layer.embeddings if isinstance(layer, layers.Embedding) else layer.kernel]
+
+
 def kernels_by_layer(model, select=None):
-    """Every built target layer's kernels (both of a separable conv, the matrix of an embedding), copied to NumPy, by
-    layer object; the targets `select` chooses, if given."""
+    """Every built target layer's kernels (`kernels_of`), copied to NumPy, by layer object; the targets `select`
+    chooses, if given."""
     found = {}
     for layer in target_layers(model, select):
         if not layer.built:  # never called: it has no kernel
             continue
-        if hasattr(layer, "pointwise_kernel"):
-            kernels = [layer.depthwise_kernel, layer.pointwise_kernel]
-        else:
-            kernels = [layer.embeddings if isinstance(layer, layers.Embedding) else layer.kernel]
-        found[layer] = [np.array(keras.ops.convert_to_numpy(kernel)) for kernel in kernels]
+        found[layer] = [np.array(keras.ops.convert_to_numpy(kernel)) for kernel in kernels_of(layer)]
     return found
 
 
@@ -223,7 +229,7 @@ def assert_report_is_true(model, x, report, before, tolerance=0.1, select=None, 
     channel's mean within `mean_tolerance` of 0, and every measured record's means are as measured.
     """
     outputs = preactivations(model, x, select)
-    measured = {layer: float(np.var(np.concatenate([z.ravel() for z in zs]))) for layer, zs in outputs.items()}
+    measured = pooled_variances(outputs)
     after = kernels_by_layer(model, select)
     recorded = [record.layer for record in report.records]
     assert len({id(layer) for layer in recorded}) == len(recorded), "a layer has several records"

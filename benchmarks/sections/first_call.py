@@ -28,7 +28,7 @@ def cases(config):
     """The names of the cases of `config`: its small models, then its real models (unless `first_call_real` is
     false: `--gpu`, where fresh processes of the GPU sizes would not fit a device session)."""
     real = config["real_models"] if config.get("first_call_real", True) else []
-    return list(config["first_call"]) + [_real_label(name, arguments, batch) for name, arguments, batch in real]
+    return list(config["first_call"]) + [models.real_label(*entry) for entry in real]
 
 
 def probe(config, case, mode):
@@ -49,19 +49,10 @@ def _build(config, case):
     if case in config["first_call"]:
         kind, arguments, batch, shape = config["first_call"][case]
         return getattr(models, kind)(*arguments), models.inputs(batch, shape)
-    for name, arguments, batch in config["real_models"]:
-        if _real_label(name, arguments, batch) == case:
-            if name == "GPT-2":
-                return models.gpt2(*arguments), models.token_ids(batch, arguments[3])
-            return models.resnet50(*arguments), models.inputs(batch, (arguments[0], arguments[0], 3))
+    for real in config["real_models"]:
+        if models.real_label(*real) == case:
+            return models.real_model(*real)
     raise ValueError(f"no first-call case {case!r}")
-
-
-def _real_label(name, arguments, batch):
-    if name == "GPT-2":
-        layers, width, _, tokens = arguments
-        return f"GPT-2 {layers}x{width}, {batch}x{tokens} tokens"
-    return f"ResNet50 {arguments[0]}x{arguments[0]}, batch {batch}"
 
 
 def summary(results):

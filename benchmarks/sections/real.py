@@ -27,14 +27,8 @@ def rows(config, repeats):
     timed = functools.partial(harness.first_and_median, repeats=1)
     for name, arguments, batch in config["real_models"]:
         keras.backend.clear_session()
-        if name == "GPT-2":
-            layers, width, _, tokens = arguments
-            model, x = models.gpt2(*arguments), models.token_ids(batch, tokens)
-            label = f"GPT-2 {layers}x{width}, {batch}x{tokens} tokens"
-        else:
-            (image,) = arguments
-            model, x = models.resnet50(image), models.inputs(batch, (image, image, 3))
-            label = f"ResNet50 {image}x{image}, batch {batch}"
+        model, x = models.real_model(name, arguments, batch)
+        label = models.real_label(name, arguments, batch)
         targets = [t for t in find_targets(model) if not t.skip_reason]
 
         def step1(targets=targets):

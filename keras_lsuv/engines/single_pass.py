@@ -510,14 +510,15 @@ class _SinglePass:
         latest = {"scale": 1.0, "preactivation": preactivation}
         limit = ScaleLimit.of(kernel, original, layer, _output_peak(layer, preactivation))
         if self.center:
-            evaluated = [False]  # the first measure is of `preactivation`: scale 1, the bias as it is
+            evaluated = False  # the first measure is of `preactivation`: scale 1, the bias as it is
 
             def measure_at(scale: float) -> Moments:
-                if evaluated[0]:
+                nonlocal evaluated
+                if evaluated:
                     write_kernel(kernel, original, scale)
                     with without_activation(layer):
                         latest["preactivation"] = original_call(*args, **kwargs)
-                evaluated[0] = True
+                evaluated = True
                 z = latest["preactivation"]
                 return moments(target.measured(z, args, kwargs), channel_groups(target, z))
 

@@ -259,12 +259,8 @@ def other_weights(model, select=None, biases=False):
 
 
 def _variables_of(layer, biases):
-    if hasattr(layer, "pointwise_kernel"):
-        kernels = [layer.depthwise_kernel, layer.pointwise_kernel]
-    else:
-        kernels = [layer.embeddings if isinstance(layer, keras.layers.Embedding) else layer.kernel]
     bias = getattr(layer, "bias", None) if biases else None
-    return kernels + ([bias] if bias is not None else [])
+    return zoo.kernels_of(layer) + ([bias] if bias is not None else [])
 
 
 def seed_states(model):

@@ -16,7 +16,8 @@ from keras_lsuv.inference import inference_mode
 from keras_lsuv.options import LSUVOptions, integer_seed
 from keras_lsuv.orthonormal import redraw_orthonormal
 from keras_lsuv.processes import agree_on, run_across_processes, shared_seed
-from keras_lsuv.report import LayerRecord, LSUVReport
+from keras_lsuv.report import LayerRecord, LSUVReport, MergeRecord
+from keras_lsuv.residual import Merge, find_merges
 from keras_lsuv.targets import Target, find_targets
 
 # Warnings point at the caller of `lsuv_init`, past `run_lsuv` and its `run_across_processes` wrapper.
@@ -68,7 +69,8 @@ def lsuv_init(model: keras.Model, x: Any, **options: Any) -> LSUVReport:
         **options: The fields of `LSUVOptions`, by keyword: `target_variance`
             (1.0), `tolerance` (0.1), `max_iterations` (10), `measure`,
             `orthonormal`, `engine`, `seed`, `force`, `verbose`,
-            `num_samples`, `center`, `targets`; each is described there.
+            `num_samples`, `center`, `targets`, `residual`; each is described
+            there.
 
     Returns:
         An `LSUVReport` with one record per target layer.
@@ -116,18 +118,22 @@ def run_lsuv(model: keras.Model, x: Any, options: LSUVOptions) -> LSUVReport:
 
     verbose = options.verbosity
     progress = keras.utils.Progbar(len(active), verbose=int(verbose == 1), unit_name="layer")
+    # The merges of residual streams (`residual="stream"`), whose record the engine writes when it solves them.
+    merges: dict[Merge, MergeRecord | None] = dict.fromkeys(find_merges(model, targets) if options.residual else [])
     for target in active:
-        target.save_weights(bias=options.center)
+        target.save_weights(bias=options.center or options.residual is not None)
     # The forward pass runs stateful layers (a stateful RNN updates its state): put their state back afterwards.
     states = [(state, ops.copy(state.value)) for state in _layer_states(model)]
     try:
         if options.orthonormal:
             # An embedding matrix is a table of vectors, not a map to orthogonalize: step 1 leaves it alone.
             redraw_orthonormal([t for t in active if not t.is_embedding], shared_seed(integer_seed(options.seed)))
-        records = ENGINES[options.engine](model, batch, targets, options, lambda _: progress.add(1))
+        records = ENGINES[options.engine](model, batch, targets, options, lambda _: progress.add(1), merges)
         unmeasured = _restore_unmeasured(active, records) + [records[t] for t in targets if not t.layer.built]
         report.records = list(records.values())
-        if options.center:  # the guard takes a bias LSUV centered for a fresh one while it holds LSUV's values
+        report.merges = [merges[m] or m.skipped_record() for m in merges]
+        if options.center or options.residual:  # the guard takes a bias LSUV set (centered, or scaled with its
+            # residual branch) for a fresh one while it holds LSUV's values
             for target in active:
                 if target.has_bias and not records[target].skipped:
                     note_lsuv_bias(target.layer, ops.convert_to_numpy(target.layer.bias))
@@ -147,6 +153,11 @@ def run_lsuv(model: keras.Model, x: Any, options: LSUVOptions) -> LSUVReport:
             UserWarning,
             stacklevel=_CALLER,
         )
+    for merge in report.merges:
+        if not merge.skipped and not merge.converged:
+            warnings.warn(
+                f"LSUV: merge '{merge.name}' did not converge: {merge.reason}.", UserWarning, stacklevel=_CALLER
+            )
     for record in report.records:
         if not record.skipped and not record.converged:
             warnings.warn(
@@ -177,6 +188,7 @@ def report_for(options: LSUVOptions, skipped_reason: str | None = None) -> LSUVR
         tolerance=options.tolerance,
         center=options.center,
         skipped_reason=skipped_reason,
+        residual=options.residual,
     )
 
 

@@ -15,6 +15,7 @@ from keras import ops
 
 from keras_lsuv.data import DEFAULT_NUM_SAMPLES
 from keras_lsuv.rescale import Criterion
+from keras_lsuv.residual import RESIDUAL_MODES
 
 # A `SeedGenerator` is turned into one integer seed per run, drawn from this range.
 MAX_SEED = 2**31 - 1
@@ -98,6 +99,15 @@ class LSUVOptions:
             vectors have unit variance on the batch (padding left out with
             `mask_zero`). A selected layer of any other kind is a `ValueError`
             naming it, before anything changes.
+        residual: `None` (default) for the paper's LSUV, each layer on its own;
+            `"stream"` for residual-aware LSUV: at each merge `Add([stream,
+            branch])` of a Functional graph (an `Add` layer or `x + y`), the
+            last target of each branch, with its bias, is scaled in the same
+            pass so that the merge's output has `target_variance`; where the
+            stream alone already carries it, the branch is scaled to the
+            merge's least variance (0 for a branch uncorrelated with the
+            stream, as Fixup and SkipInit start). The report has one
+            `MergeRecord` per merge. Needs `engine="single_pass"`.
         scale_on_device: Where the single-pass engine finds the scale of a
             layer whose pre-activation variance follows from one variance
             (float32, no bias): `None` (default) on the device on an
@@ -121,6 +131,7 @@ class LSUVOptions:
     num_samples: int = DEFAULT_NUM_SAMPLES
     center: bool = False
     targets: Callable[[keras.layers.Layer], bool] | None = None
+    residual: str | None = None
     scale_on_device: bool | None = None
 
     def __post_init__(self) -> None:
@@ -145,6 +156,13 @@ class LSUVOptions:
         if self.center and self.measure != Measure.PREACTIVATION.value:
             raise ValueError(
                 f"center=True centers the pre-activation, so it needs measure='preactivation'; got {self.measure!r}."
+            )
+        if not (self.residual is None or (isinstance(self.residual, str) and self.residual in RESIDUAL_MODES)):
+            raise ValueError(f"residual must be None or one of {RESIDUAL_MODES}; got {self.residual!r}.")
+        if self.residual is not None and self.engine != "single_pass":
+            raise ValueError(
+                f"residual={self.residual!r} scales each merge's branches in the single pass; it needs "
+                f"engine='single_pass', got engine={self.engine!r}."
             )
         if not (self.targets is None or callable(self.targets)):
             raise ValueError(

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 TABLE_HEADER = ("layer", "class", "initial var", "final var", "iters", "scale", "status")
 # The columns a centered run (`center=True`) adds before "status".
 MEAN_HEADER = ("initial mean", "final mean")
+# The merges' table of a residual-aware run (`residual="stream"`).
+MERGE_HEADER = ("merge", "stream var", "branch var", "initial var", "final var", "scale", "branches", "status")
 
 
 @dataclasses.dataclass
@@ -66,6 +68,55 @@ class LayerRecord:
 
 
 @dataclasses.dataclass
+class MergeRecord:
+    """The outcome of residual-aware LSUV (`residual="stream"`) at one merge of a residual stream.
+
+    Args:
+        name: The name of the `Add` layer, or of the `x + y` operation.
+        class_name: `"Add"`.
+        stream_variance: The variance of the merge's inputs that are not
+            branches, summed (the stream); `None` if every input is a branch
+            or the merge was skipped.
+        branch_variance: The variance of its branches' sum before the merge
+            was solved (each branch at unit variance from plain LSUV).
+        initial_variance: The merge's output variance before (branch scale 1).
+        final_variance: Its output variance at the branch scale.
+        scale: The factor the branches (the kernel and bias of each branch's
+            last layer) were multiplied by.
+        branches: The names of the layers that end the branches.
+        converged: Whether `|final_variance - target_variance| < tolerance`.
+        reason: Why it was skipped, or why the target was out of reach;
+            else `None`.
+        operation: The layer or operation itself. Not part of `to_dict()`,
+            nor of equality.
+        branch_layers: The layers that end the branches, as objects (names
+            need not be unique). Not part of `to_dict()`, nor of equality.
+    """
+
+    name: str
+    class_name: str = "Add"
+    stream_variance: float | None = None
+    branch_variance: float | None = None
+    initial_variance: float | None = None
+    final_variance: float | None = None
+    scale: float = 1.0
+    branches: list[str] = dataclasses.field(default_factory=list)
+    converged: bool = False
+    reason: str | None = None
+    operation: Any = dataclasses.field(default=None, repr=False, compare=False)
+    branch_layers: list[keras.layers.Layer] = dataclasses.field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def skipped(self) -> bool:
+        """True when the merge was left as it is."""
+        return self.initial_variance is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record's fields as plain Python types, without the operation and layer objects."""
+        return {field.name: getattr(self, field.name) for field in _merge_fields()}
+
+
+@dataclasses.dataclass
 class LSUVReport:
     """The result of `lsuv_init`: per-layer records in processing order.
 
@@ -81,6 +132,9 @@ class LSUVReport:
             (`center=True`).
         skipped_reason: Set when the whole run was skipped (e.g. the model has
             already been trained); then no weight was changed.
+        residual: `"stream"` for residual-aware LSUV, else `None`.
+        merges: With `residual="stream"`, one `MergeRecord` per merge of a
+            residual stream, in the order the pass reached them.
 
     Example:
 
@@ -101,11 +155,13 @@ class LSUVReport:
     tolerance: float = 0.1
     center: bool = False
     skipped_reason: str | None = None
+    residual: str | None = None
+    merges: list[MergeRecord] = dataclasses.field(default_factory=list)
 
     @property
     def converged(self) -> bool:
-        """True when every processed layer reached the tolerance."""
-        return all(r.converged for r in self.records if not r.skipped)
+        """True when every processed layer, and every merge solved, reached the tolerance."""
+        return all(r.converged for r in self.records + self.merges if not r.skipped)
 
     def assert_converged(self) -> LSUVReport:
         """Checks that the run happened and every layer it measured converged, e.g. in a test or in CI.
@@ -127,10 +183,14 @@ class LSUVReport:
         if self.skipped_reason:
             raise AssertionError(f"LSUV did not run: {self.skipped_reason}")
         failed = [r for r in self.records if not r.skipped and not r.converged]
-        if failed:
+        merges = [m for m in self.merges if not m.skipped and not m.converged]
+        if failed or merges:
             lines = [f"  '{r.name}' ({r.class_name}): {r.reason}" for r in failed]
+            lines += [f"  merge '{m.name}': {m.reason}" for m in merges]
             raise AssertionError(
-                f"LSUV: {len(failed)} of {sum(not r.skipped for r in self.records)} layers did not converge:\n"
+                f"LSUV: {len(failed)} of {sum(not r.skipped for r in self.records)} layers"
+                + (f" and {len(merges)} of {sum(not m.skipped for m in self.merges)} merges" if merges else "")
+                + " did not converge:\n"
                 + "\n".join(lines)
             )
         return self
@@ -167,10 +227,14 @@ class LSUVReport:
 
         Returns:
             A dict with the report's fields; `"records"` is a list of dicts,
-            one per layer.
+            one per layer, and `"merges"` one per merge.
         """
         fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-        return {**fields, "records": [record.to_dict() for record in self.records]}
+        return {
+            **fields,
+            "records": [record.to_dict() for record in self.records],
+            "merges": [merge.to_dict() for merge in self.merges],
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LSUVReport:
@@ -197,8 +261,15 @@ class LSUVReport:
                 f"LSUVReport.from_dict: 'records' must be a list of dicts, one per layer; got {_describe(entries)}."
             )
         records = [_record_from_dict(entry, index) for index, entry in enumerate(entries)]
+        merge_entries = data.pop("merges", [])
+        if not isinstance(merge_entries, list):
+            raise ValueError(
+                f"LSUVReport.from_dict: 'merges' must be a list of dicts, one per merge; got "
+                f"{_describe(merge_entries)}."
+            )
+        merges = [_merge_from_dict(entry, index) for index, entry in enumerate(merge_entries)]
         _check_keys(data, cls, "the report")
-        return cls(records=records, **data)
+        return cls(records=records, merges=merges, **data)
 
     @property
     def _header(self) -> tuple[str, ...]:
@@ -223,22 +294,52 @@ class LSUVReport:
             rows.append((r, (*cells, status)))
         return rows
 
+    def _merge_rows(self) -> list[tuple[str, ...]]:
+        """The merges' table: a header row, then one row per merge."""
+        rows: list[tuple[str, ...]] = [MERGE_HEADER]
+        for m in self.merges:
+            if m.skipped:
+                cells = (m.name, "-", "-", "-", "-", "-", ", ".join(m.branches) or "-", f"skipped: {m.reason}")
+            else:
+                status = f"NOT CONVERGED: {m.reason}" if not m.converged else f"ok ({m.reason})" if m.reason else "ok"
+                stream = "-" if m.stream_variance is None else f"{m.stream_variance:.4g}"
+                cells = (
+                    m.name,
+                    stream,
+                    f"{m.branch_variance:.4g}",
+                    f"{m.initial_variance:.4g}",
+                    f"{m.final_variance:.4g}",
+                    f"{m.scale:.4g}",
+                    ", ".join(m.branches),
+                    status,
+                )
+            rows.append(cells)
+        return rows
+
     def _summary(self) -> str:
         processed = [r for r in self.records if not r.skipped]
         converged = sum(r.converged for r in processed)
         centered = ", centered" if self.center else ""
+        residual = f", residual {self.residual}" if self.residual else ""
+        solved = [m for m in self.merges if not m.skipped]
+        merges = (
+            f", {sum(m.converged for m in solved)}/{len(solved)} merges converged, "
+            f"{len(self.merges) - len(solved)} skipped"
+            if self.residual
+            else ""
+        )
         return (
-            f"LSUV ({self.engine}, {self.measure}{centered}, target {self.target_variance:g} ± {self.tolerance:g}): "
-            f"{converged}/{len(processed)} layers converged, {len(self.records) - len(processed)} skipped"
+            f"LSUV ({self.engine}, {self.measure}{centered}{residual}, target {self.target_variance:g} ± "
+            f"{self.tolerance:g}): {converged}/{len(processed)} layers converged, "
+            f"{len(self.records) - len(processed)} skipped{merges}"
         )
 
     def __str__(self) -> str:
         if self.skipped_reason:
             return f"LSUV skipped: {self.skipped_reason}"
-        header = self._header
-        rows = [header] + [cells for _, cells in self._rows()]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1] for row in rows]
+        lines = _aligned([self._header] + [cells for _, cells in self._rows()])
+        if self.merges:
+            lines += [""] + _aligned(self._merge_rows())
         lines.append(self._summary())
         return "\n".join(lines)
 
@@ -252,10 +353,16 @@ class LSUVReport:
             style = "" if record.skipped or record.converged else ' style="background-color: #fdd"'
             row = "".join(f"<td>{html.escape(c)}</td>" for c in cells)
             body.append(f"<tr{style}>{row}</tr>")
-        return (
+        table = (
             f'<table class="lsuv-report"><caption>{html.escape(self._summary())}</caption>'
             f"<thead><tr>{header}</tr></thead><tbody>{''.join(body)}</tbody></table>"
         )
+        if not self.merges:
+            return table
+        merge_header, *merge_rows = self._merge_rows()
+        heads = "".join(f"<th>{html.escape(c)}</th>" for c in merge_header)
+        rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in merge_rows)
+        return f'{table}<table class="lsuv-merges"><thead><tr>{heads}</tr></thead><tbody>{rows}</tbody></table>'
 
     def plot(self, ax: Axes | None = None) -> Axes:
         """Draws each layer's variance before and after LSUV on a log scale.
@@ -332,6 +439,30 @@ class LSUVReport:
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
         return ax
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows of cells as text lines, each column but the last padded to its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1] for row in rows]
+
+
+def _merge_fields() -> list[dataclasses.Field[Any]]:
+    """The fields of `MergeRecord` that `to_dict` holds: all but the operation object."""
+    return [field for field in dataclasses.fields(MergeRecord) if field.name not in ("operation", "branch_layers")]
+
+
+def _merge_from_dict(data: Any, index: int) -> MergeRecord:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"LSUVReport.from_dict: merges[{index}] must be a dict; got {_describe(data)}.")
+    unknown = sorted(set(data) - {field.name for field in _merge_fields()}, key=str)
+    if unknown:
+        raise ValueError(
+            f"LSUVReport.from_dict: merges[{index}] has unknown keys {unknown}; expected those of to_dict()."
+        )
+    if "name" not in data:
+        raise ValueError(f"LSUVReport.from_dict: merges[{index}] lacks the key 'name': {data!r}.")
+    return MergeRecord(**data)
 
 
 def _record_fields() -> list[dataclasses.Field[Any]]:

@@ -80,7 +80,17 @@ def test_from_dict_follows_the_dataclass_fields():
     record = LayerRecord("dense", "Dense", 0.5, 1.0, 1, True, 1.41, None)
     report = LSUVReport([record], engine="submodel", tolerance=0.05)
     data = report.to_dict()
-    assert set(data) == {"records", "engine", "measure", "target_variance", "tolerance", "center", "skipped_reason"}
+    assert set(data) == {
+        "records",
+        "engine",
+        "measure",
+        "target_variance",
+        "tolerance",
+        "center",
+        "skipped_reason",
+        "residual",
+        "merges",
+    }
     assert set(data["records"][0]) == {
         "name",
         "class_name",
@@ -115,6 +125,10 @@ def test_from_dict_follows_the_dataclass_fields():
         ([{"name": "d", "class_name": "Dense"}], r"takes a dict as to_dict\(\) returns it; got \[.*\(list\)"),
         ("report", r"takes a dict as to_dict\(\) returns it; got 'report' \(str\)"),
         (None, r"takes a dict.*got None \(NoneType\)"),
+        ({"merges": {"name": "add"}}, r"'merges' must be a list of dicts, one per merge.*\(dict\)"),
+        ({"merges": [None]}, r"merges\[0\] must be a dict; got None"),
+        ({"merges": [{"name": "add", "scal": 1.0}]}, r"merges\[0\] has unknown keys \['scal'\]"),
+        ({"merges": [{"scale": 1.0}]}, r"merges\[0\] lacks the key 'name'"),
     ],
 )
 def test_from_dict_rejects_what_is_not_a_report(data, message):

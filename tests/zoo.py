@@ -197,6 +197,30 @@ def preactivations(model, x, select=None):
     return found
 
 
+def output_variances(model, x, operations):
+    """The variance of each operation's output (a merge: an `Add` layer or `x + y`) in a plain forward pass, by
+    operation object; each must be called once."""
+    outputs = {}
+
+    def recorder(operation, original):
+        def call(*args, **kwargs):
+            output = original(*args, **kwargs)
+            assert operation not in outputs, f"{operation.name} called twice"
+            outputs[operation] = float(np.var(keras.ops.convert_to_numpy(output).astype("float64")))
+            return output
+
+        return call
+
+    for operation in operations:
+        vars(operation)["call"] = recorder(operation, operation.call)
+    try:
+        model(x, training=False)
+    finally:
+        for operation in operations:
+            del vars(operation)["call"]
+    return outputs
+
+
 def weights_of(model):
     return [np.array(keras.ops.convert_to_numpy(w)) for w in model.weights]
 
@@ -235,6 +259,17 @@ def assert_report_is_true(model, x, report, before, tolerance=0.1, select=None, 
     assert len({id(layer) for layer in recorded}) == len(recorded), "a layer has several records"
     targets = target_layers(model, select)
     assert {id(layer) for layer in recorded} == {id(layer) for layer in targets}, "records != targets"
+    branch_ends = set()
+    if report.residual:  # every merge the report solved measures as it says, and its branches set their variance
+        merged = output_variances(model, x, [m.operation for m in report.merges if not m.skipped])
+        for merge in report.merges:
+            if merge.skipped:
+                continue
+            value = merged[merge.operation]
+            assert abs(merge.final_variance - value) <= 2e-2 * value + 1e-6, f"{merge.name}: {merge} vs {value}"
+            if merge.converged:
+                assert abs(value - 1.0) < tolerance, f"merge {merge.name}: reported converged, measures {value}"
+            branch_ends |= {id(layer) for layer in merge.branch_layers}
     for record in report.records:
         if report.center and not record.skipped:
             mean = float(np.mean(np.concatenate([z.ravel() for z in outputs[record.layer]])))
@@ -247,6 +282,9 @@ def assert_report_is_true(model, x, report, before, tolerance=0.1, select=None, 
         if record.skipped:
             for a, b in zip(before.get(record.layer, []), after.get(record.layer, []), strict=True):
                 np.testing.assert_array_equal(a, b, err_msg=f"{record.name} was not measured but changed")
+        elif id(record.layer) in branch_ends:  # its merge's to set: as reported
+            value = measured[record.layer]
+            assert abs(record.final_variance - value) <= 2e-2 * value + 1e-6, f"{record.name}: {record} vs {value}"
         elif record.converged:
             value = measured[record.layer]
             assert abs(value - 1.0) < tolerance, f"{record.name}: reported converged, measures {value}"

@@ -14,7 +14,8 @@ import keras
 from keras_lsuv.engines.single_pass import run_single_pass
 from keras_lsuv.engines.submodel import run_submodel
 from keras_lsuv.options import LSUVOptions
-from keras_lsuv.report import LayerRecord
+from keras_lsuv.report import LayerRecord, MergeRecord
+from keras_lsuv.residual import Merge
 from keras_lsuv.targets import Target
 
 
@@ -27,6 +28,8 @@ class Engine(Protocol):
         targets: Every target of the model (`find_targets`); those with a `skip_reason` are left alone.
         options: The run's options (what is measured, when a layer is done).
         on_record: Called once with each measured layer's record, as soon as it is final.
+        merges: With `residual="stream"`, the merges of residual streams: the engine writes the record of each
+            one it reached (an engine that does not solve merges rejects the option in `LSUVOptions`).
 
     Returns:
         One record per target, keyed by the target: the targets in the order the pass reached them (measured or
@@ -41,6 +44,7 @@ class Engine(Protocol):
         targets: list[Target],
         options: LSUVOptions,
         on_record: Callable[[LayerRecord], None],
+        merges: dict[Merge, MergeRecord | None] | None = None,
     ) -> dict[Target, LayerRecord]: ...
 
 

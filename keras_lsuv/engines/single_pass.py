@@ -15,9 +15,15 @@ forward pass per iteration, its statistics merged over every call. Then a new pa
 called with symbolic values (inside JAX's `scan`/`vmap`/`map`, or a traced function) cannot be measured and is
 skipped with that reason; so is one called inside torch's `vmap` (`keras.ops.vectorized_map` on torch).
 
+With `residual="stream"`, each merge of a residual stream (`residual.Merge`) is intercepted too: at its first call
+in a pass that has not halted, the last target of each of its branches is scaled so that the merge's output has the
+target variance (`residual.solve`), and the pass goes on with that output. Like a layer's rescale, this is
+tentative: a merge reached after the point where its pass halts is undone, and solved again in the next pass.
+
 All the engine knows of a target is its `LayerState` (a `Status`, its calls in this pass, its kernel as step 1 left
-it, its record); a `Pass` holds the layers rescaled in one pass and where it halted (`Pass.halt`); each target's
-`call` is intercepted by `_SinglePass._intercept`, whose docstring is its contract.
+it, its record), and of a merge its `MergeState`; a `Pass` holds the layers rescaled and the merges reached in one
+pass and where it halted (`Pass.halt`); each target's `call` is intercepted by `_SinglePass._intercept`, whose
+docstring is its contract.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from keras_lsuv.inference import inference_mode
 from keras_lsuv.interception import intercepted_calls, is_traced
 from keras_lsuv.options import LSUVOptions
 from keras_lsuv.processes import measurements_are_global
-from keras_lsuv.report import LayerRecord
+from keras_lsuv.report import LayerRecord, MergeRecord
 from keras_lsuv.rescale import (
     ScaleLimit,
     find_scale,
@@ -48,6 +54,7 @@ from keras_lsuv.rescale import (
     write_bias,
     write_kernel,
 )
+from keras_lsuv.residual import Merge, branch_record, scale_branch, solve
 from keras_lsuv.statistics import Moments, fetch, moments, on_accelerator, variance, variance_on_device
 from keras_lsuv.targets import Target, read_biases, without_activation
 
@@ -63,13 +70,17 @@ def run_single_pass(
     targets: list[Target],
     options: LSUVOptions,
     on_record: Callable[[LayerRecord], None],
+    merges: dict[Merge, MergeRecord | None] | None = None,
 ) -> dict[Target, LayerRecord]:
     """Rescales every target in one forward pass of `batch` (more for layers called several times per pass).
+
+    With `merges` (`residual="stream"`), each merge's branches are scaled in the same pass, when the pass reaches
+    the merge, and its record is written into `merges`.
 
     Returns:
         Each target's record: the targets in the order the pass first reached them, then the ones it never reached.
     """
-    return _SinglePass(model, batch, targets, options, on_record).run()
+    return _SinglePass(model, batch, targets, options, on_record, merges).run()
 
 
 class _Abort(BaseException):
@@ -112,6 +123,8 @@ class LayerState:
             first processed and dropped once final, so at most one pass's tentative layers hold a copy.
         record: Its record, once known (a layer rescaled on the device has none until the pass reads it back).
         on_device: For a layer rescaled on the device, its variance, scale and stop code, not read back yet.
+        merged: Whether a merge scaled it with its residual branch (`residual="stream"`): its variance is then the
+            merge's to set, not the target's.
     """
 
     target: Target
@@ -121,6 +134,7 @@ class LayerState:
     original: Any = dataclasses.field(default=None, repr=False)
     record: LayerRecord | None = None
     on_device: tuple[Any, Any, Any] | None = dataclasses.field(default=None, repr=False)
+    merged: bool = False
 
     @property
     def open(self) -> bool:
@@ -134,6 +148,26 @@ class LayerState:
         return self.original
 
 
+@dataclasses.dataclass(eq=False)
+class MergeState:
+    """One merge's state in the engine (`residual="stream"`).
+
+    Args:
+        merge: The merge.
+        record: Its record, once the pass reached it.
+        final: Whether the record holds (the pass that solved it kept it).
+        undo: For each branch it scaled in the current pass: the branch's state, its record before, and each
+            variable it wrote with its value before.
+    """
+
+    merge: Merge
+    record: MergeRecord | None = None
+    final: bool = False
+    undo: list[tuple[LayerState, LayerRecord, list[tuple[keras.Variable, Any]]]] = dataclasses.field(
+        default_factory=list, repr=False
+    )
+
+
 @dataclasses.dataclass
 class Pass:
     """One forward pass: the layers rescaled in it, in processing order, and where it halted.
@@ -142,11 +176,14 @@ class Pass:
         tentative: The layers rescaled in this pass, in processing order.
         halt_at: The index in `tentative` from which nothing this pass did holds; `None` if it did not halt.
         cause: The layer that made it halt.
+        merges: The merges the pass reached, each with the length of `tentative` then: one reached at `k` holds
+            when the pass halted at `halt_at >= k` (all its branches were rescaled before the cause's first call).
     """
 
     tentative: list[LayerState] = dataclasses.field(default_factory=list)
     halt_at: int | None = None
     cause: LayerState | None = None
+    merges: list[tuple[int, MergeState]] = dataclasses.field(default_factory=list)
 
     def halt(self, state: LayerState) -> None:
         """Marks that nothing this pass does from `state` on may become final.
@@ -173,11 +210,15 @@ class _SinglePass:
         targets: list[Target],
         options: LSUVOptions,
         on_record: Callable[[LayerRecord], None],
+        merges: dict[Merge, MergeRecord | None] | None,
     ) -> None:
         self.model, self.batch, self.on_record = model, batch, on_record
         self.measure, self.criterion, self.scale_on_device = options.measure, options.criterion, options.scale_on_device
         self.center = options.center
         self.states = [LayerState(t, Status.SKIPPED if t.skip_reason else Status.PENDING) for t in targets]
+        self.merge_records = {} if merges is None else merges
+        self.merges = [MergeState(merge) for merge in self.merge_records if not merge.skip_reason]
+        self.state_of = {state.target: state for state in self.states}
         # In the order the passes first reached them: a dict as an ordered set, checked at every intercepted call.
         self.reached: dict[LayerState, None] = {}
         read_biases([t for t in targets if not t.skip_reason])
@@ -231,16 +272,88 @@ class _SinglePass:
 
         return call
 
+    def _intercept_merge(
+        self, state: MergeState, this_pass: Pass, original_call: Callable[..., Any]
+    ) -> Callable[..., Any]:
+        """A merge's `call` during an inline pass: at its first call in a pass that has not halted, its branches
+        are scaled (`_solve_merge`) and it returns its output at that scale; otherwise it runs as it is."""
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if state.final or this_pass.halted or any(m is state for _, m in this_pass.merges):
+                return original_call(*args, **kwargs)
+            this_pass.merges.append((len(this_pass.tentative), state))
+            if is_traced((args, kwargs)):
+                state.record = state.merge.skipped_record(TRACED_REASON)
+                return original_call(*args, **kwargs)
+            return self._solve_merge(state, this_pass, original_call, args, kwargs)
+
+        return call
+
+    def _solve_merge(
+        self,
+        state: MergeState,
+        this_pass: Pass,
+        original_call: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Scales the merge's branches so that its output has the target variance (`residual.solve`); returns
+        that output."""
+        with _as_lsuv_error():
+            self._read_back(this_pass)  # the branches' records, if they were rescaled on the device
+        branches = [self.state_of[target] for target in state.merge.branch_targets]
+        unsolvable = [
+            b for b in branches if b.multi_call or b.status not in (Status.TENTATIVE, Status.FINAL) or b.merged
+        ]
+        if unsolvable:
+            name = unsolvable[0].target.layer.name
+            state.record = state.merge.skipped_record(
+                f"its branch ends at layer '{name}', which is called several times per pass or was not measured"
+            )
+            return original_call(*args, **kwargs)
+        with _as_lsuv_error():
+            record, output = solve(state.merge, args, kwargs, self.criterion)
+        state.record = record
+        if output is None:
+            return original_call(*args, **kwargs)
+        for branch in branches:
+            assert branch.record is not None
+            state.undo.append((branch, branch.record, scale_branch(branch.target, record.scale)))
+            branch.record, branch.merged = branch_record(branch.record, record), True
+        return output
+
+    def _end_merges(self, this_pass: Pass, end: int) -> None:
+        """Keeps the records of the merges reached before the pass halted, and undoes the others (in reverse)."""
+        for position, state in reversed(this_pass.merges):
+            if position <= end:
+                assert state.record is not None
+                state.final, self.merge_records[state.merge] = True, state.record
+            else:
+                for branch, record, before in reversed(state.undo):
+                    for variable, value in before:
+                        write_kernel(variable, value, 1.0)
+                    branch.record, branch.merged = record, False
+                state.record = None
+            state.undo = []
+
     def _inline_pass(self) -> LayerState | None:
         """One pass rescaling each pending layer at its first call; returns the layer it halted at, if it did."""
         this_pass = Pass()
         by_layer = {state.target.layer: state for state in self.states}
+        by_merge = {state.merge.operation: state for state in self.merges if not state.final}
         traced_before = [s for s in self.states if s.status is Status.TRACED]
         for state in self.states:
             state.calls = 0
-        self._forward(list(by_layer), lambda layer, call: self._intercept(by_layer[layer], this_pass, call))
+
+        def make_call(layer: Any, call: Callable[..., Any]) -> Callable[..., Any]:
+            if layer in by_merge:
+                return self._intercept_merge(by_merge[layer], this_pass, call)
+            return self._intercept(by_layer[layer], this_pass, call)
+
+        self._forward(list(by_layer) + list(by_merge), make_call)
         self._read_back(this_pass)  # after it, every record of the pass is complete
         end = len(this_pass.tentative) if this_pass.halt_at is None else this_pass.halt_at
+        self._end_merges(this_pass, end)
         for state in this_pass.tentative[:end]:
             assert state.record is not None  # `_read_back` completed it
             self._finish(state, state.record)
@@ -287,11 +400,11 @@ class _SinglePass:
         goal, tolerance = self.criterion.target_variance, self.criterion.tolerance
         sweeps = 0
         while True:
-            measured = self._measure_final_layers()
+            measured, merged = self._measure_final_layers()
             settled = [
                 state
                 for state in self.reached
-                if state in measured and state.record is not None and state.record.converged
+                if state in measured and state.record is not None and state.record.converged and not state.merged
             ]
             moved = [
                 state
@@ -317,7 +430,12 @@ class _SinglePass:
             value = stats.variance()
             converged = abs(value - goal) < tolerance
             reason = record.reason
-            if record.converged and not converged:
+            if state.merged:  # its variance is its merge's to set: it holds if it stayed where the merge left it
+                assert record.final_variance is not None
+                converged = record.converged and abs(value - record.final_variance) < tolerance
+                if record.converged and not converged:
+                    reason = f"its variance moves to {value:.3g} as layers after it are rescaled, after its merge"
+            elif record.converged and not converged:
                 reason = (
                     f"its variance moves to {value:.3g} as layers after it are rescaled (a layer feeding its own later "
                     f"calls, such as a block shared along a chain): not within tolerance after {sweeps} sweeps"
@@ -333,13 +451,33 @@ class _SinglePass:
             state.record = dataclasses.replace(
                 record, final_variance=value, final_mean=mean, converged=converged, reason=reason
             )
+        for merge, value in merged.items():
+            assert merge.record is not None
+            converged = abs(value - goal) < tolerance
+            reason = merge.record.reason
+            if merge.record.converged and not converged:
+                reason = f"its variance moves to {value:.3g} as layers called several times per pass are rescaled"
+            merge.record = dataclasses.replace(merge.record, final_variance=value, converged=converged, reason=reason)
+            self.merge_records[merge.merge] = merge.record
 
-    def _measure_final_layers(self) -> dict[LayerState, Moments]:
-        """Each final layer's moments over all its eager calls, in one plain forward pass."""
+    def _measure_final_layers(self) -> tuple[dict[LayerState, Moments], dict[MergeState, float]]:
+        """Each final layer's moments over all its eager calls, and each solved merge's output variance, in one
+        plain forward pass."""
         final = {state.target.layer: state for state in self.states if state.status is Status.FINAL}
         measured: dict[LayerState, list[Moments]] = {state: [] for state in final.values()}
+        solved = {m.merge.operation: m for m in self.merges if m.record is not None and not m.record.skipped}
+        merged: dict[MergeState, float] = {}
 
         def make_call(layer: keras.layers.Layer, original_call: Callable[..., Any]) -> Callable[..., Any]:
+            if layer in solved:
+
+                def merge_call(*args: Any, **kwargs: Any) -> Any:
+                    output = original_call(*args, **kwargs)
+                    merged[solved[layer]] = variance(output)
+                    return output
+
+                return merge_call
+
             def call(*args: Any, **kwargs: Any) -> Any:
                 with without_activation(layer) as activation:
                     z = original_call(*args, **kwargs)
@@ -351,8 +489,8 @@ class _SinglePass:
 
             return call
 
-        self._forward(list(final), make_call)
-        return {state: _merged(stats) for state, stats in measured.items() if stats}
+        self._forward(list(final) + list(solved), make_call)
+        return {state: _merged(stats) for state, stats in measured.items() if stats}, merged
 
     def _centered(self, state: LayerState, measured: dict[LayerState, Moments]) -> bool:
         """Whether a final layer is as centering left it: always without `center=True` or without a bias, else

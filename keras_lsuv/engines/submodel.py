@@ -15,8 +15,9 @@ import keras
 from keras_lsuv.centering import channel_groups, find_centered_scale
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.options import LSUVOptions
-from keras_lsuv.report import LayerRecord
+from keras_lsuv.report import LayerRecord, MergeRecord
 from keras_lsuv.rescale import ScaleLimit, find_scale, float32_copy, write_kernel
+from keras_lsuv.residual import Merge
 from keras_lsuv.statistics import Moments, moments, variance
 from keras_lsuv.targets import Target, find_targets, without_activation
 
@@ -27,8 +28,12 @@ def run_submodel(
     targets: list[Target],
     options: LSUVOptions,
     on_record: Callable[[LayerRecord], None],
+    merges: dict[Merge, MergeRecord | None] | None = None,
 ) -> dict[Target, LayerRecord]:
-    """Rescales every target by re-running the sub-model that ends at it; returns records in topological order."""
+    """Rescales every target by re-running the sub-model that ends at it; returns records in topological order.
+
+    It does not solve merges (`LSUVOptions` rejects `residual=` with this engine), so `merges` stays as it is.
+    """
     _check_is_graph(model, "the model")
     by_layer = {id(t.layer): t for t in targets}
     records: dict[Target, LayerRecord] = {}

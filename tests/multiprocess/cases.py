@@ -23,6 +23,7 @@ CASES = {
     "model_parallel": {"options": {}, "bias": True, "sizes": (64, 64), "distribution": "model_parallel"},
     "not_distributed": {"options": {}, "bias": True, "sizes": (40, 88), "distribution": "none"},
     "centered": {"options": {"center": True}, "bias": True, "sizes": (64, 64)},
+    "residual": {"options": {"residual": "stream"}, "bias": True, "sizes": (64, 64), "residual": True},
 }
 # `fit` with `LSUVCallback` on each process's shard.
 FIT = {"options": {}, "bias": True, "sizes": (64, 64)}
@@ -31,8 +32,11 @@ FIT = {"options": {}, "bias": True, "sizes": (64, 64)}
 FAILURES = ("nan", "empty", "wrong_shape", "overflow")
 
 
-def make_model(bias=True):
-    """4 × Dense(32, relu) + Dense(10), seeded, so that every process and the reference build the same weights."""
+def make_model(bias=True, residual=False):
+    """4 × Dense(32, relu) + Dense(10), seeded, so that every process and the reference build the same weights.
+
+    With `residual`, hidden layers 1 and 3 are branches added to the outputs of hidden layers 0 and 2 (a Functional
+    model with two merges, `add_1` and `add_3`)."""
     bias_initializer = keras.initializers.RandomNormal(stddev=0.5, seed=7) if bias else "zeros"
     layers = [keras.Input((FEATURES,))]
     for i in range(4):
@@ -46,7 +50,18 @@ def make_model(bias=True):
             )
         )
     layers.append(keras.layers.Dense(10, kernel_initializer=keras.initializers.GlorotUniform(seed=9), name="head"))
-    return keras.Sequential(layers)
+    if not residual:
+        return keras.Sequential(layers)
+    x = layers[0]
+    for i in range(4):
+        h = layers[i + 1](x)
+        x = keras.layers.Add(name=f"add_{i}")([x, h]) if i % 2 else h
+    return keras.Model(layers[0], layers[5](x))
+
+
+def model_for(case):
+    """The model of a case."""
+    return make_model(case["bias"], case.get("residual", False))
 
 
 def shard(process, size=64):

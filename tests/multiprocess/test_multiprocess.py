@@ -91,7 +91,7 @@ def case_weights(weights, name):
 
 def single_process_reference(case, **overrides):
     """The same model and options, one process, on the concatenation of every process's shard."""
-    model = cases.make_model(case["bias"])
+    model = cases.model_for(case)
     keras_lsuv.lsuv_init(model, cases.concatenated(case["sizes"]), **{"seed": 0, "verbose": 0, **case["options"]})
     return cases.weights_of(model)
 
@@ -107,13 +107,19 @@ def assert_same_in_every_process(runs, name):
 
 
 def assert_layers_reach_unit_variance(weights, case):
-    """Re-measures every layer's pre-activation variance on the global batch with the processes' weights."""
-    model = cases.make_model(case["bias"])
+    """Re-measures every layer's pre-activation variance (with `residual`, every merge's output variance instead of
+    its branch's) on the global batch with the processes' weights."""
+    model = cases.model_for(case)
     model.set_weights(weights)
-    outputs = zoo.preactivations(model, cases.concatenated(case["sizes"]))
+    x = cases.concatenated(case["sizes"])
+    outputs = zoo.preactivations(model, x)
     assert len(outputs) == 5
+    merges = [layer for layer in model.layers if isinstance(layer, keras.layers.Add)]
+    for merge, variance in zoo.output_variances(model, x, merges).items():
+        assert abs(variance - 1.0) < TOLERANCE, f"{merge.name}: {variance}"
+    branches = {"hidden_1", "hidden_3"} if merges else set()
     for layer, variance in zoo.pooled_variances(outputs).items():
-        assert abs(variance - 1.0) < TOLERANCE, f"{layer.name}: {variance}"
+        assert layer.name in branches or abs(variance - 1.0) < TOLERANCE, f"{layer.name}: {variance}"
         if case["options"].get("center"):  # the means are global too: zero per channel on the global batch
             np.testing.assert_allclose(zoo.channel_means(layer, outputs[layer]), 0.0, atol=1e-4, err_msg=layer.name)
 

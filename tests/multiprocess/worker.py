@@ -69,7 +69,7 @@ def main():
         case_scope = scopes[case.get("distribution", "data_parallel")]
         x = cases.shard(args.process_id, case["sizes"][args.process_id])
         with case_scope():
-            model = cases.make_model(case["bias"])
+            model = cases.model_for(case)
         options = {"seed": 0, "verbose": 0, **case["options"]}
         start = time.perf_counter()
         # Outside the scope (TF: LSUV finds the strategy through the model's variables; JAX: the distribution set

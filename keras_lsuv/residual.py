@@ -1,0 +1,346 @@
+"""Residual-aware LSUV (`residual="stream"`): the merges of a residual stream, and the branch scale each one needs.
+
+Plain LSUV gives every branch of a residual network unit variance, so a stream that adds a branch per block grows
+with depth. With `residual="stream"`, each merge `Add([stream, branch])` of a Functional graph (a `keras.layers.Add`
+or an `x + y` between Keras tensors) is solved in the same pass as the layers: the last target of each branch (and
+everything the branch's output passes through that scales with it) is multiplied by one factor `s >= 0` chosen so
+that the merge's output has the target variance. Its variance as a function of `s` is a quadratic known from one
+reduction: `var(U + s·S) = var(U) + 2·s·cov(U, S) + s²·var(S)`, where `U` is the sum of the inputs that are not
+branches (the stream) and `S` the sum of those that are. Where the stream alone already carries the target (an
+identity stream with no activation after its merges: ResNet v2, pre-LN transformers), no `s > 0` reaches it and the
+branch is scaled to the least variance the merge can have, 0 for a branch uncorrelated with the stream, the way
+Fixup and SkipInit start residual branches.
+
+An input of a merge is a branch when it is the output of a target through layers that scale with their input
+(`f(s·x) = s·f(x)`, `SCALING_LAYERS`), each output on that path used by the next layer only. The target's kernel and
+bias are both multiplied by `s`, so its pre-activation becomes exactly `s` times what it was and so does the branch.
+`MultiHeadAttention` ends with its output projection, so an attention branch ends at that `EinsumDense`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import numpy as np
+from keras import layers, ops, tree
+
+from keras_lsuv.report import LayerRecord, MergeRecord
+from keras_lsuv.rescale import Criterion, float32_copy, write_kernel
+from keras_lsuv.statistics import moments
+from keras_lsuv.targets import Target
+
+STREAM = "stream"
+RESIDUAL_MODES = (STREAM,)
+# Layers `f` with `f(s·x) = s·f(x)` for every `s >= 0` in inference mode, through which a branch's scale passes
+# unchanged. `BatchNormalization` only where it adds no offset (`check_scaling`), as a fresh one does.
+SCALING_LAYERS: tuple[type[keras.layers.Layer], ...] = (
+    layers.Dropout,
+    layers.SpatialDropout1D,
+    layers.SpatialDropout2D,
+    layers.SpatialDropout3D,
+    layers.GaussianDropout,
+    layers.GaussianNoise,
+    layers.AlphaDropout,
+    layers.Identity,
+    layers.Reshape,
+    layers.Flatten,
+    layers.Permute,
+    layers.RepeatVector,
+    layers.ZeroPadding1D,
+    layers.ZeroPadding2D,
+    layers.ZeroPadding3D,
+    layers.Cropping1D,
+    layers.Cropping2D,
+    layers.Cropping3D,
+    layers.UpSampling1D,
+    layers.UpSampling2D,
+    layers.UpSampling3D,
+    layers.MaxPooling1D,
+    layers.MaxPooling2D,
+    layers.MaxPooling3D,
+    layers.AveragePooling1D,
+    layers.AveragePooling2D,
+    layers.AveragePooling3D,
+    layers.GlobalAveragePooling1D,
+    layers.GlobalAveragePooling2D,
+    layers.GlobalAveragePooling3D,
+    layers.GlobalMaxPooling1D,
+    layers.GlobalMaxPooling2D,
+    layers.GlobalMaxPooling3D,
+    layers.LeakyReLU,
+    layers.PReLU,
+    layers.Activation,
+    layers.ReLU,
+    layers.BatchNormalization,
+)
+# Activations `a` with `a(s·z) = s·a(z)` for `s >= 0`: a target (or `Activation` layer) with one of these scales with
+# its kernel.
+SCALING_ACTIVATIONS = (keras.activations.linear, keras.activations.relu, keras.activations.leaky_relu)
+# A variance of the branch below this fraction of the target carries no usable signal to scale.
+MIN_BRANCH_VARIANCE = 1e-12
+
+
+def _is_add(operation: Any) -> bool:
+    """Whether `operation` adds its inputs: a `keras.layers.Add`, or the operation `x + y` (`keras.ops.add`) records
+    in a Functional graph, whose class Keras does not export (`keras.src.ops.numpy.Add`)."""
+    if isinstance(operation, layers.Add):
+        return True
+    kind = type(operation)
+    return kind.__name__ == "Add" and kind.__module__ == "keras.src.ops.numpy"
+
+
+@dataclasses.dataclass(eq=False)
+class Merge:
+    """One merge of a residual stream: an addition node of a Functional graph.
+
+    Args:
+        operation: The `Add` layer, or the addition operation, of the node.
+        branches: For each input of the node, in order, the target that ends its branch, or `None` for the stream.
+        skip_reason: Why no branch of it can be scaled, else `None`.
+    """
+
+    operation: Any
+    branches: list[Target | None]
+    skip_reason: str | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.operation.name)
+
+    @property
+    def branch_targets(self) -> list[Target]:
+        return [target for target in self.branches if target is not None]
+
+    def skipped_record(self, reason: str | None = None) -> MergeRecord:
+        """The record of a merge left as it is: `reason`, or its skip reason."""
+        return MergeRecord(
+            self.name,
+            type(self.operation).__name__,
+            branches=[target.layer.name for target in self.branch_targets],
+            reason=reason or self.skip_reason or "not reached by the forward pass",
+            operation=self.operation,
+            branch_layers=[target.layer for target in self.branch_targets],
+        )
+
+
+def find_merges(model: keras.Model, targets: list[Target]) -> list[Merge]:
+    """Every addition node of the Functional graphs in `model` (itself and nested ones), with its branches.
+
+    Args:
+        model: The model, built.
+        targets: Its targets; those with a `skip_reason` end no branch (their layer is left alone).
+
+    Returns:
+        The merges, in each graph's topological order. A merge whose operation appears in several nodes is not
+        solvable at one call and carries a `skip_reason`; so does one with no input that is a branch.
+    """
+    by_layer = {id(t.layer): t for t in targets if not t.skip_reason}
+    merges = []
+    for graph in _graphs(model):
+        nodes = [node for depth in sorted(graph._nodes_by_depth, reverse=True) for node in graph._nodes_by_depth[depth]]
+        consumers = Counter(id(tensor) for node in nodes for tensor in node.input_tensors)
+        consumers.update(id(tensor) for tensor in tree.flatten(graph.outputs))
+        calls = Counter(id(node.operation) for node in nodes)
+        for node in nodes:
+            if not _is_add(node.operation) or len(node.input_tensors) < 2:
+                continue
+            branches = [_branch_end(tensor, by_layer, consumers, calls) for tensor in node.input_tensors]
+            merge = Merge(node.operation, branches)
+            if calls[id(node.operation)] > 1 or len(getattr(node.operation, "_inbound_nodes", ())) > 1:
+                merge.skip_reason = "called several times: a branch scale is solved at one call"
+            elif not merge.branch_targets:
+                merge.skip_reason = (
+                    "no input is a branch: none is the output of a target through layers that scale with it "
+                    "(e.g. Dropout, pooling, relu, a fresh BatchNormalization), used only on the way to this merge"
+                )
+            merges.append(merge)
+    return merges
+
+
+def branch_scale(stream: float, branch: float, covariance: float, goal: float) -> tuple[float, bool]:
+    """The branch scale `s >= 0` that gives `var(U + s·S)` the target `goal`, from the moments at `s = 1`.
+
+    Example:
+
+    >>> branch_scale(stream=0.5, branch=2.0, covariance=0.0, goal=1.0)
+    (0.5, True)
+
+    Args:
+        stream: `var(U)`, the variance of the inputs that are not branches (0 without any).
+        branch: `var(S)`, the variance of the branches' sum; positive.
+        covariance: `cov(U, S)`.
+        goal: The target variance.
+
+    Returns:
+        `(scale, reachable)`: the root nearest to 1 where the target can be reached, else the scale of least
+        variance (`max(0, -cov / var(S))`) and `False`.
+    """
+    discriminant = covariance * covariance - branch * (stream - goal)
+    if discriminant >= 0:
+        roots = [(-covariance + sign * math.sqrt(discriminant)) / branch for sign in (1.0, -1.0)]
+        positive = [root for root in roots if root > 0]
+        if positive:
+            return min(positive, key=lambda root: abs(math.log(root))), True
+    return max(0.0, -covariance / branch), False
+
+
+def merge_variance(stream: float, branch: float, covariance: float, scale: float) -> float:
+    """`var(U + s·S)` from the moments at `s = 1`."""
+    return stream + 2.0 * scale * covariance + scale * scale * branch
+
+
+def solve(merge: Merge, args: tuple[Any, ...], kwargs: dict[str, Any], criterion: Criterion) -> tuple[MergeRecord, Any]:
+    """Finds the branch scale of `merge` from one call's inputs (its branches at unit variance).
+
+    Args:
+        merge: The merge.
+        args: The positional arguments of its call.
+        kwargs: Its keyword arguments.
+        criterion: The target variance and tolerance.
+
+    Returns:
+        The merge's record and its output at the branch scale (`U + s·S`), or `None` for the output where it is
+        left as it is (the record then says why). The branches themselves are not scaled here (`scale_branch`).
+
+    Raises:
+        ValueError: If an input of the merge is not finite.
+    """
+    inputs = [value for value in tree.flatten((args, kwargs)) if value is not None and hasattr(value, "shape")]
+    if len(inputs) != len(merge.branches):
+        mismatch = f"called with {len(inputs)} tensors, not the {len(merge.branches)} of its node"
+        return merge.skipped_record(mismatch), None
+    dtype = keras.backend.result_type(*[x.dtype for x in inputs])
+    stream = [ops.cast(x, "float32") for x, end in zip(inputs, merge.branches, strict=True) if end is None]
+    branch = _sum([ops.cast(x, "float32") for x, end in zip(inputs, merge.branches, strict=True) if end is not None])
+    if stream:
+        total = _sum(stream)
+        shape = ops.shape(ops.add(total, branch))
+        total, branch = ops.broadcast_to(total, shape), ops.broadcast_to(branch, shape)
+        parts = [total, branch, ops.add(total, branch)]
+    else:
+        parts = [branch]
+    stats = moments(ops.stack(parts, axis=-1), (len(parts),))  # one reduction, global under several processes
+    variances = stats.m2 / stats.count
+    if not np.all(np.isfinite(variances)):
+        raise ValueError(f"LSUV: the inputs of merge '{merge.name}' are not finite (variances {variances}).")
+    if stream:
+        stream_variance, branch_variance = float(variances[0]), float(variances[1])
+        covariance = (float(variances[2]) - stream_variance - branch_variance) / 2.0
+    else:
+        stream_variance, branch_variance, covariance = 0.0, float(variances[0]), 0.0
+    goal = criterion.target_variance
+    names = [target.layer.name for target in merge.branch_targets]
+    if branch_variance <= MIN_BRANCH_VARIANCE * goal:
+        return merge.skipped_record(f"its branches carry no signal (variance {branch_variance:.3g})"), None
+    scale, reachable = branch_scale(stream_variance, branch_variance, covariance, goal)
+    final = merge_variance(stream_variance, branch_variance, covariance, scale)
+    reason: str | None = None
+    if not reachable:
+        reason = (
+            f"the stream alone has variance {stream_variance:.3g}: no branch scale brings the merge to the target, "
+            f"so the branches are scaled by {scale:.3g}, to the merge's least variance"
+        )
+    record = MergeRecord(
+        merge.name,
+        type(merge.operation).__name__,
+        stream_variance=stream_variance if stream else None,
+        branch_variance=branch_variance,
+        initial_variance=merge_variance(stream_variance, branch_variance, covariance, 1.0),
+        final_variance=final,
+        scale=scale,
+        branches=names,
+        converged=abs(final - goal) < criterion.tolerance,
+        reason=reason,
+        operation=merge.operation,
+        branch_layers=[target.layer for target in merge.branch_targets],
+    )
+    output = ops.multiply(branch, scale) if not stream else ops.add(parts[0], ops.multiply(branch, scale))
+    return record, ops.cast(output, dtype)
+
+
+def scale_branch(target: Target, scale: float) -> list[tuple[keras.Variable, Any]]:
+    """Multiplies the kernel whose scale sets `target`'s output, and its bias, by `scale`; returns each variable
+    with its value before, to undo it."""
+    variables = [target.scaled_kernel] + ([target.layer.bias] if target.has_bias else [])
+    before = [(variable, float32_copy(variable)) for variable in variables]
+    for variable, value in before:
+        write_kernel(variable, value, scale)
+    return before
+
+
+def branch_record(record: LayerRecord, merge: MergeRecord) -> LayerRecord:
+    """The record of a branch's last layer after `merge` scaled it: its variance is the merge's to set."""
+    scale = merge.scale
+    return dataclasses.replace(
+        record,
+        scale=record.scale * scale,
+        final_variance=None if record.final_variance is None else record.final_variance * scale * scale,
+        final_mean=None if record.final_mean is None else record.final_mean * scale,
+        converged=merge.converged,
+        reason=f"scaled by {scale:.3g} with its residual branch at merge '{merge.name}'"
+        + ("" if merge.converged else f", which did not converge: {merge.reason}"),
+    )
+
+
+def check_scaling(layer: keras.layers.Layer) -> bool:
+    """Whether `layer` (one of `SCALING_LAYERS`, or a target's activation) scales with its input as it is now."""
+    if isinstance(layer, layers.Activation):
+        return layer.activation in SCALING_ACTIVATIONS
+    if isinstance(layer, layers.ReLU):
+        return layer.max_value is None and float(layer.threshold) == 0.0
+    if isinstance(layer, layers.BatchNormalization):
+        # Inference mode: gamma·(x - mean)/sqrt(var + eps) + beta scales with x where beta = gamma·mean/sqrt(var+eps).
+        values = {w.path.rsplit("/", 1)[-1]: np.asarray(ops.convert_to_numpy(w), "float64") for w in layer.weights}
+        gamma, deviation = values.get("gamma", 1.0), np.sqrt(values["moving_variance"] + layer.epsilon)
+        return bool(np.all(values.get("beta", 0.0) - gamma * values["moving_mean"] / deviation == 0))
+    return isinstance(layer, SCALING_LAYERS)
+
+
+def _branch_end(
+    tensor: Any, by_layer: dict[int, Target], consumers: Counter[int], calls: Counter[int]
+) -> Target | None:
+    """The target whose output reaches `tensor` through layers that scale with it, each output used once; else
+    `None`."""
+    while consumers[id(tensor)] == 1:
+        operation: Any = tensor._keras_history[0]
+        node_index: int = tensor._keras_history[1]
+        if calls[id(operation)] != 1:
+            return None
+        if isinstance(operation, layers.MultiHeadAttention):
+            operation = operation._output_dense  # its output is the output projection's (`MultiHeadAttention.call`)
+            target = by_layer.get(id(operation))
+            return target if target is not None and _activation_scales(target) else None
+        if id(operation) in by_layer:
+            target = by_layer[id(operation)]
+            return target if _activation_scales(target) else None
+        if not (isinstance(operation, SCALING_LAYERS) and check_scaling(operation)):
+            return None
+        node = operation._inbound_nodes[node_index]
+        if len(node.input_tensors) != 1:
+            return None
+        tensor = node.input_tensors[0]
+    return None
+
+
+def _activation_scales(target: Target) -> bool:
+    return getattr(target.layer, "activation", None) in (None, *SCALING_ACTIVATIONS)
+
+
+def _graphs(model: keras.layers.Layer) -> Iterator[Any]:
+    """The Functional graphs in `model`: itself (a Sequential's is the Functional it keeps) and nested models."""
+    for layer in model._flatten_layers(include_self=True):  # Keras's own walk over every sub-layer
+        graph = getattr(layer, "_functional", None) or layer
+        if isinstance(graph, keras.Model) and getattr(graph, "_nodes_by_depth", None):
+            yield graph
+
+
+def _sum(tensors: list[Any]) -> Any:
+    total = tensors[0]
+    for tensor in tensors[1:]:
+        total = ops.add(total, tensor)
+    return total

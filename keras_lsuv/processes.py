@@ -105,6 +105,11 @@ def gather_statistics(array: np.ndarray) -> np.ndarray | None:
     return None if measurements_are_global() else gather(array)
 
 
+def one_process() -> bool:
+    """True when LSUV runs in one process (no process group is active)."""
+    return _ACTIVE.get() is None
+
+
 def measurements_are_global() -> bool:
     """True where a measurement needs no gathering: one process, or a model of global arrays (JAX).
 

@@ -14,6 +14,7 @@ import numpy as np
 from keras import ops
 
 from keras_lsuv.report import LayerRecord
+from keras_lsuv.statistics import host_values, on_host
 from keras_lsuv.targets import Target
 
 # A rescale needs sqrt(target / variance); below this relative variance the output carries no usable signal and
@@ -300,9 +301,25 @@ def _record(
 
 
 def float32_copy(kernel: keras.Variable) -> Any:
-    """The kernel's own values in float32, read outside any autocast scope (never a float16 copy)."""
+    """The kernel's own values in float32, read outside any autocast scope (never a float16 copy); a NumPy array
+    where `statistics.on_host` keeps the kernel there."""
     with _no_autocast():
+        if on_host(kernel.value):
+            return np.array(host_values(kernel.value))
         return ops.cast(ops.copy(kernel.value), "float32")
+
+
+def scaled_preactivation(z: Any, scale: float, bias: Any = None) -> Any:
+    """`s·(z - B) + B = s·z + (1 - s)·B`: the pre-activation `z = L + B` (float32) after the kernel is multiplied
+    by `scale`, `B` being the bias as added to `z` (`Target.bias_term`) or `None`. In NumPy where
+    `statistics.on_host(z)` (then returned as a backend tensor, for the pass to go on with)."""
+    if on_host(z):
+        values = host_values(z) * np.float32(scale)
+        if bias is not None:
+            values += host_values(bias) * np.float32(1.0 - scale)
+        return ops.convert_to_tensor(values)
+    scaled = ops.multiply(z, scale)
+    return scaled if bias is None else ops.add(scaled, ops.multiply(bias, 1.0 - scale))
 
 
 def write_kernel(kernel: keras.Variable, original: Any, scale: float | Any) -> None:
@@ -317,7 +334,11 @@ def write_kernel(kernel: keras.Variable, original: Any, scale: float | Any) -> N
         original: Its unscaled values, float32.
         scale: The factor: a float, or a float32 scalar tensor (from `unit_scale`).
     """
-    value = ops.cast(ops.multiply(original, scale), variable_dtype(kernel))
+    dtype = variable_dtype(kernel)
+    if isinstance(original, np.ndarray) and isinstance(scale, (float, int)) and dtype == "float32":
+        value = original * np.float32(scale)  # `float32_copy` kept it on the host
+    else:
+        value = ops.cast(ops.multiply(original, scale), dtype)
     with _no_autocast():
         kernel.assign(value)
 

@@ -22,6 +22,10 @@ from keras import ops
 
 from keras_lsuv import processes
 
+# On a CPU, tensors of at most this many elements (1 MiB in float32) are computed on in NumPy (`on_host`); larger ones
+# by backend ops, which are faster there once compiled.
+HOST_ELEMENTS = 2**18
+
 
 @dataclasses.dataclass(frozen=True)
 class Moments:
@@ -90,14 +94,21 @@ def moments(z: Any, groups: tuple[int, ...] | None = None) -> Moments:
         The `Moments` of `z`; when several processes run LSUV together (see `keras_lsuv.processes`), those of every
         process's `z` together. They are NaN or Inf when `z` is not finite.
     """
-    z = ops.cast(z, "float32")
     rank = len(z.shape)
     shape = (1,) * rank if groups is None else (1,) * (rank - len(groups)) + tuple(groups)
     axes = [axis for axis, size in enumerate(shape) if size == 1]
-    # `ops.var`, not `ops.moments`: the latter computes E[z²] - E[z]² on some backends, which loses the variance in
-    # float32 when the mean is large against the spread. Two fused reductions cost less than a hand-made two-pass.
-    mean, var = ops.mean(z, axis=axes), ops.var(z, axis=axes)
-    mean, var = np.asarray(ops.convert_to_numpy(ops.stack([ops.reshape(mean, (-1,)), ops.reshape(var, (-1,))])))
+    if on_host(z):
+        values = host_values(z)
+        mean, var = _as_float32(
+            values.mean(axis=tuple(axes), dtype="float64"), values.var(axis=tuple(axes), dtype="float64")
+        )
+        mean, var = mean.reshape(-1), var.reshape(-1)
+    else:
+        z = ops.cast(z, "float32")
+        # `ops.var`, not `ops.moments`: the latter computes E[z²] - E[z]² on some backends, which loses the variance
+        # in float32 when the mean is large against the spread. Two fused reductions cost less than a two-pass.
+        mean, var = ops.mean(z, axis=axes), ops.var(z, axis=axes)
+        mean, var = np.asarray(ops.convert_to_numpy(ops.stack([ops.reshape(mean, (-1,)), ops.reshape(var, (-1,))])))
     count = math.prod(int(size) for size in z.shape) / mean.size
     local = Moments(float(count), mean.astype("float64"), var.astype("float64") * count)
     return _merge_processes(local)
@@ -122,6 +133,8 @@ def _merge_processes(local: Moments) -> Moments:
 def variance(z: Any) -> float:
     """One scalar variance over the whole tensor `z`, as the paper measures it (over every process's `z`)."""
     if processes.measurements_are_global():
+        if on_host(z):
+            return float(_as_float32(host_values(z).var(dtype="float64"))[0])
         return float(fetch([variance_on_device(z)])[0])  # one reduction: no moments to merge
     return moments(z).variance()
 
@@ -134,6 +147,29 @@ def variance_on_device(z: Any) -> Any:
     measurement must go through the host to be merged.
     """
     return ops.var(ops.cast(z, "float32"))
+
+
+def on_host(z: Any) -> bool:
+    """Whether LSUV computes on the tensor `z` in NumPy: on a CPU, in one process (a global array of several
+    processes cannot be read whole), when it has at most `HOST_ELEMENTS` elements.
+
+    Reading it back costs nothing there, while every backend op on a new shape costs JAX a compilation: for small
+    models, most of LSUV's first call in a process.
+    """
+    small = math.prod(int(size) for size in z.shape) <= HOST_ELEMENTS
+    return small and processes.one_process() and not on_accelerator(z)
+
+
+def host_values(z: Any) -> np.ndarray:
+    """The values of the tensor `z` as a float32 NumPy array (a copy where `z` is not float32 already)."""
+    return np.asarray(ops.convert_to_numpy(z), dtype="float32")
+
+
+def _as_float32(*values: Any) -> list[np.ndarray]:
+    """Statistics accumulated in float64 on the host, stored in float32 as the device's are (an Inf where they
+    overflow it: values too large to measure fail alike on the host and on a device)."""
+    with np.errstate(over="ignore"):
+        return [np.asarray(value, dtype="float32").astype("float64") for value in values]
 
 
 def on_accelerator(z: Any) -> bool:

@@ -13,6 +13,7 @@ import numpy as np
 from keras import layers, ops
 
 from keras_lsuv.report import LayerRecord
+from keras_lsuv.statistics import host_values, on_host
 
 TARGET_CLASSES = (
     layers.Dense,
@@ -57,7 +58,7 @@ class Target:
         """Keeps a copy of the kernels as they are now, and of the bias if `bias` (`center=True` sets it), for
         `restore_weights`."""
         weights = self.kernels + ([self.layer.bias] if bias and self.has_bias else [])
-        self.before = [(weight, ops.copy(weight.value)) for weight in weights]
+        self.before = [(weight, _copy(weight.value)) for weight in weights]
 
     def restore_weights(self) -> None:
         """Puts back the weights saved by `save_weights` (a target LSUV does not measure keeps them)."""
@@ -204,11 +205,19 @@ def read_biases(targets: list[Target]) -> None:
     with_bias = [t for t in targets if getattr(t.layer, "bias", None) is not None]
     if not with_bias:
         return
-    flat = [ops.reshape(ops.cast(t.layer.bias, "float32"), (-1,)) for t in with_bias]
-    values = np.asarray(ops.convert_to_numpy(ops.concatenate(flat)), dtype="float64")
+    if all(on_host(t.layer.bias.value) for t in with_bias):  # no op to compile: read each one
+        values = np.concatenate([host_values(t.layer.bias.value).reshape(-1) for t in with_bias]).astype("float64")
+    else:
+        flat = [ops.reshape(ops.cast(t.layer.bias, "float32"), (-1,)) for t in with_bias]
+        values = np.asarray(ops.convert_to_numpy(ops.concatenate(flat)), dtype="float64")
     ends = np.cumsum([int(np.prod(t.layer.bias.shape)) for t in with_bias])
     for target, host_bias in zip(with_bias, np.split(values, ends[:-1]), strict=True):
         target.host_bias = host_bias
+
+
+def _copy(value: Any) -> Any:
+    """A copy of a weight's value: in NumPy where `statistics.on_host` keeps it there, else on its device."""
+    return np.array(ops.convert_to_numpy(value)) if on_host(value) else ops.copy(value)
 
 
 def _walk(layer: keras.layers.Layer) -> Iterator[keras.layers.Layer]:

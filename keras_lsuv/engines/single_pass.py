@@ -48,6 +48,7 @@ from keras_lsuv.rescale import (
     ScaleLimit,
     find_scale,
     float32_copy,
+    scaled_preactivation,
     unit_scale,
     unit_scale_record,
     variable_dtype,
@@ -577,8 +578,7 @@ class _SinglePass:
         bias = target.bias_term(z)
 
         def at_scale(scale: float) -> Any:
-            scaled = ops.multiply(z, scale)
-            return scaled if bias is None else ops.add(scaled, ops.multiply(bias, 1.0 - scale))
+            return scaled_preactivation(z, scale, bias)
 
         floor = None  # the least variance of the pre-activation over all scales: the bias may keep it above target
         if self.measure.is_affine_in_kernel:

@@ -9,6 +9,7 @@ from keras import layers, ops
 
 import keras_lsuv
 from benchmarks.harness import counted_host_reads
+from keras_lsuv import statistics
 from keras_lsuv.engines import single_pass
 from keras_lsuv.interception import intercepted_calls
 from keras_lsuv.options import LSUVOptions
@@ -290,7 +291,14 @@ def test_device_and_host_loop_give_the_same_kernels_and_records(factory):
         assert a.final_variance == pytest.approx(b.final_variance, rel=1e-5), a.name
 
 
-def test_a_fresh_model_is_rescaled_with_one_read_back_per_pass():
+@pytest.fixture
+def accelerator(monkeypatch):
+    """Every tensor counts as on an accelerator: what LSUV reads back is what it would read back on one (on a CPU,
+    small tensors are computed on in NumPy instead: `statistics.on_host`)."""
+    monkeypatch.setattr(statistics, "on_accelerator", lambda z: True)
+
+
+def test_a_fresh_model_is_rescaled_with_one_read_back_per_pass(accelerator):
     model = keras.Sequential(
         [keras.Input((8, 8, 3))]
         + [layers.Conv2D(8, 3, padding="same", activation="relu") for _ in range(6)]
@@ -311,7 +319,7 @@ def test_a_fresh_model_is_rescaled_with_one_read_back_per_pass():
     zoo.assert_report_is_true(model, x, report, before)
 
 
-def test_layers_with_a_bias_read_the_device_layers_before_them_back():
+def test_layers_with_a_bias_read_the_device_layers_before_them_back(accelerator):
     model = zoo.deep_mlp(depth=4)
     model.layers[2].bias.assign(np.full((32,), 0.5, "float32"))  # this one goes through the host loop
     x = zoo.batch_for(model)

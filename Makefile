@@ -117,13 +117,20 @@ bench-quick: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
-# A small slice of examples/deep_thin_nets.py (1 to 1.5 minutes on 2 CPU cores).
+# Small slices of examples/deep_thin_nets.py and examples/residual_nets.py (under 2 minutes on 2 CPU cores).
 study-quick: $(STAMP)
 	KERAS_BACKEND=jax $(BIN)/python examples/deep_thin_nets.py --quick
+	KERAS_BACKEND=jax $(BIN)/python examples/residual_nets.py --quick
 
-# The full study behind docs/results.md (about 20 minutes on 2 CPU cores); rewrites the plots in docs/img.
+# The full study behind docs/results.md (about 60 minutes on 2 CPU cores); rewrites the plots in docs/img. The
+# `anyinit` rows of the residual part need `pip install anyinit==0.4.0` (they are skipped without it).
 study: $(STAMP)
 	KERAS_BACKEND=jax $(BIN)/python examples/deep_thin_nets.py --results-json build/study.json --plots-dir docs/img
+	KERAS_BACKEND=jax $(BIN)/python examples/residual_nets.py --results-json build/residual_jax.json
+	KERAS_BACKEND=tensorflow $(BIN)/python examples/residual_nets.py --networks resnet \
+		--results-json build/residual_tensorflow.json
+	KERAS_BACKEND=torch $(BIN)/python examples/residual_nets.py --networks resnet --results-json build/residual_torch.json
+	KERAS_BACKEND=jax $(BIN)/python examples/residual_nets.py --real-models-only
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info .mypy_cache .coverage

@@ -44,6 +44,7 @@ WIDTH = 32
 BATCH_SIZE = 100
 LSUV_BATCH = 256
 TIMED_STEPS = 50
+LEARNING_RATE = 0.01
 
 
 @dataclasses.dataclass
@@ -182,17 +183,16 @@ class CompiledArchitecture:
     """One compiled model per architecture, re-initialized for every run so that it compiles only once.
 
     Args:
+        model: A model of the architecture (its weights are replaced at each run).
         task: The task the model is trained on.
-        depth: Number of hidden layers.
-        activation: Hidden activation.
-        batchnorm: Whether the architecture has BatchNormalization.
         epochs: Epochs per run (the learning-rate schedule spans them).
+        learning_rate: The initial learning rate of the cosine schedule.
     """
 
-    def __init__(self, task, depth, activation, batchnorm, epochs):
-        self.model = build_model(task, depth, activation, batchnorm)
+    def __init__(self, model, task, epochs, learning_rate=LEARNING_RATE):
+        self.model = model
         steps = epochs * int(np.ceil(len(task.x_train) / BATCH_SIZE))
-        schedule = keras.optimizers.schedules.CosineDecay(0.01, decay_steps=steps)
+        schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
         self.model.compile(
             optimizer=keras.optimizers.SGD(schedule, momentum=0.9),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -224,6 +224,21 @@ def train_run(architecture, task, depth, activation, initialization, seed, epoch
     start = time.perf_counter()
     initial, lsuv_converged = initial_model(task, depth, activation, initialization, seed)
     init_seconds = time.perf_counter() - start
+    return {
+        "task": task.name,
+        "depth": depth,
+        "activation": activation,
+        "initialization": initialization,
+        "seed": seed,
+        **fit_run(architecture, task, initial, epochs),
+        "init_seconds": init_seconds,
+        "lsuv_converged": lsuv_converged,
+    }
+
+
+def fit_run(architecture, task, initial, epochs):
+    """Trains `architecture` from the weights of `initial`; returns its test-accuracy curve, the epochs it took to
+    reach the task's threshold, its final loss and the time `fit` took."""
     architecture.load(initial)
     start = time.perf_counter()
     history = architecture.model.fit(
@@ -239,18 +254,11 @@ def train_run(architecture, task, depth, activation, initialization, seed, epoch
     curve = [a if np.isfinite(a) else 0.0 for a in curve]
     reached = [epoch for epoch, accuracy in enumerate(curve, start=1) if accuracy >= task.threshold]
     return {
-        "task": task.name,
-        "depth": depth,
-        "activation": activation,
-        "initialization": initialization,
-        "seed": seed,
         "test_accuracy": curve[-1],
         "curve": curve,
         "epochs_to_threshold": reached[0] if reached else None,
         "final_loss": float(history.history["loss"][-1]),
-        "init_seconds": init_seconds,
         "fit_seconds": time.perf_counter() - start,
-        "lsuv_converged": lsuv_converged,
     }
 
 
@@ -436,8 +444,9 @@ def run_study(grids, plots_dir=None):
         for depth in grid.depths:
             for activation in grid.activations:
                 start = time.perf_counter()
-                plain = CompiledArchitecture(task, depth, activation, batchnorm=False, epochs=grid.epochs)
-                batchnorm = CompiledArchitecture(task, depth, activation, batchnorm=True, epochs=grid.epochs)
+                plain_model = build_model(task, depth, activation, batchnorm=False)
+                plain = CompiledArchitecture(plain_model, task, grid.epochs)
+                batchnorm = CompiledArchitecture(build_model(task, depth, activation, True), task, grid.epochs)
                 for initialization in INITIALIZATIONS:
                     architecture = batchnorm if initialization == "batchnorm" else plain
                     for seed in grid.seeds:

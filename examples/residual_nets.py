@@ -162,24 +162,8 @@ def stream_variances(model, x):
     """The variance of the output of every addition of the model's graph (the residual stream after each block), in
     graph order, measured in a plain forward pass."""
     additions = [op for op in model.operations if type(op).__name__ == "Add"]
-    measured = {}
-
-    def recorder(operation, original):
-        def call(*args, **kwargs):
-            output = original(*args, **kwargs)
-            measured[operation] = float(np.var(keras.ops.convert_to_numpy(output)))
-            return output
-
-        return call
-
-    for operation in additions:
-        vars(operation)["call"] = recorder(operation, operation.call)
-    try:
-        model(x, training=False)
-    finally:
-        for operation in additions:
-            del vars(operation)["call"]
-    return [measured[operation] for operation in additions]
+    probe = keras.Model(model.inputs[0], [op.output for op in additions])
+    return [float(np.var(keras.ops.convert_to_numpy(output))) for output in probe(x, training=False)]
 
 
 def dead_channels(model, x):

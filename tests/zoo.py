@@ -1,5 +1,6 @@
 """Small models of every kind LSUV must handle, and an engine-independent way to check its result."""
 
+import contextlib
 import warnings
 
 import keras
@@ -162,21 +163,12 @@ def preactivations(model, x, select=None):
     captured = {}
     targets = target_layers(model, select)
 
-    def recorder(layer, original):
-        def call(*args, **kwargs):
-            if not any(_is_tracer(v) for v in keras.tree.flatten((args, kwargs))):
-                captured.setdefault(id(layer), []).append((args, kwargs))
-            return original(*args, **kwargs)
+    def record(layer, args, kwargs, output):
+        if not any(_is_tracer(v) for v in keras.tree.flatten((args, kwargs))):
+            captured.setdefault(id(layer), []).append((args, kwargs))
 
-        return call
-
-    for layer in targets:
-        vars(layer)["call"] = recorder(layer, layer.call)
-    try:
+    with recorded_calls(targets, record):
         model(x, training=False)
-    finally:
-        for layer in targets:
-            del vars(layer)["call"]
     found = {}
     for layer in targets:
         if id(layer) not in captured:
@@ -202,11 +194,24 @@ def output_variances(model, x, operations):
     operation object; each must be called once."""
     outputs = {}
 
+    def record(operation, args, kwargs, output):
+        assert operation not in outputs, f"{operation.name} called twice"
+        outputs[operation] = float(np.var(keras.ops.convert_to_numpy(output).astype("float64")))
+
+    with recorded_calls(operations, record):
+        model(x, training=False)
+    return outputs
+
+
+@contextlib.contextmanager
+def recorded_calls(operations, record):
+    """Calls `record(operation, args, kwargs, output)` after every call of each operation (a layer, or an operation
+    of a Functional graph) in the block, through an instance-level `call` removed afterwards."""
+
     def recorder(operation, original):
         def call(*args, **kwargs):
             output = original(*args, **kwargs)
-            assert operation not in outputs, f"{operation.name} called twice"
-            outputs[operation] = float(np.var(keras.ops.convert_to_numpy(output).astype("float64")))
+            record(operation, args, kwargs, output)
             return output
 
         return call
@@ -214,11 +219,10 @@ def output_variances(model, x, operations):
     for operation in operations:
         vars(operation)["call"] = recorder(operation, operation.call)
     try:
-        model(x, training=False)
+        yield
     finally:
         for operation in operations:
-            del vars(operation)["call"]
-    return outputs
+            vars(operation).pop("call", None)
 
 
 def weights_of(model):

@@ -64,10 +64,11 @@ def test_moments_merge_every_process_weighted_by_its_size(monkeypatch):
 def test_moments_are_the_same_bits_in_every_process(monkeypatch):
     rng = np.random.default_rng(1)
     a, b = (keras.ops.convert_to_tensor(rng.normal(size=(32, 4)), "float32") for _ in range(2))
-    words = {}
+    words = {}  # what each process sends: its local moments, measured as under several processes
     for name, z in (("a", a), ("b", b)):
-        local = statistics.moments(z, (4,))
-        words[name] = np.concatenate([[local.count], local.mean, local.m2])
+        peer = SimulatedPeer(np.zeros(9), index=0)
+        in_group(peer, monkeypatch, lambda z=z: statistics.moments(z, (4,)))
+        words[name] = np.frombuffer(peer.sent[0].tobytes(), np.float64)
     seen_by_0 = in_group(SimulatedPeer(words["b"], index=0), monkeypatch, lambda: statistics.moments(a, (4,)))
     seen_by_1 = in_group(SimulatedPeer(words["a"], index=1), monkeypatch, lambda: statistics.moments(b, (4,)))
     assert seen_by_0.count == seen_by_1.count

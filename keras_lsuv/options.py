@@ -103,8 +103,8 @@ class LSUVOptions:
             `"stream"` for residual-aware LSUV: at each merge `Add([stream,
             branch])` of a Functional graph (an `Add` layer or `x + y`), the
             last target of each branch, with its bias, is scaled in the same
-            pass so that the merge's output has `target_variance`; where the
-            stream alone already carries it, the branch is scaled to the
+            pass so that the merge's output has `target_variance`; where no
+            scale reaches it (the stream alone already carries more), to the
             merge's least variance (0 for a branch uncorrelated with the
             stream, as Fixup and SkipInit start). The report has one
             `MergeRecord` per merge. Needs `engine="single_pass"`.

@@ -7,9 +7,10 @@ everything the branch's output passes through that scales with it) is multiplied
 that the merge's output has the target variance. Its variance as a function of `s` is a quadratic known from one
 reduction: `var(U + s·S) = var(U) + 2·s·cov(U, S) + s²·var(S)`, where `U` is the sum of the inputs that are not
 branches (the stream) and `S` the sum of those that are. Where the stream alone already carries the target (an
-identity stream with no activation after its merges: ResNet v2, pre-LN transformers), no `s > 0` reaches it and the
-branch is scaled to the least variance the merge can have, 0 for a branch uncorrelated with the stream, the way
-Fixup and SkipInit start residual branches.
+identity stream with no activation after its merges: ResNet v2, pre-LN transformers), a branch anti-correlated with
+the stream may still reach it at a small scale; otherwise no `s > 0` does, and the branch is scaled to the least
+variance the merge can have, 0 for a branch uncorrelated with the stream, the way Fixup and SkipInit start residual
+branches.
 
 An input of a merge is a branch when it is the output of a target through layers that scale with their input
 (`f(s·x) = s·f(x)`, `SCALING_LAYERS`), each output on that path used by the next layer only. The target's kernel and

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+from keras_lsuv import statistics
 from keras_lsuv.statistics import moments, on_accelerator, variance
 
 
@@ -71,3 +72,16 @@ def test_on_accelerator_says_where_the_backend_computes():
 
         expected = bool(tf.config.list_logical_devices("GPU"))
     assert on_accelerator(ops.ones((2, 3))) is expected
+
+
+def test_the_host_and_the_device_give_the_same_moments(monkeypatch):
+    # On a CPU a small tensor is reduced in NumPy (`statistics.on_host`); elsewhere on the device, in float32.
+    z = keras.ops.convert_to_tensor(np.random.default_rng(3).normal(2.0, 3.0, size=(64, 5, 8)), "float32")
+    assert statistics.on_host(z)
+    host = statistics.moments(z, (8,)), statistics.variance(z)
+    monkeypatch.setattr(statistics, "on_accelerator", lambda z: True)
+    assert not statistics.on_host(z)
+    device = statistics.moments(z, (8,)), statistics.variance(z)
+    np.testing.assert_allclose(host[0].mean, device[0].mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(host[0].m2, device[0].m2, rtol=1e-5)
+    assert host[1] == pytest.approx(device[1], rel=1e-5)

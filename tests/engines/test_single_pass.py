@@ -270,8 +270,16 @@ def test_the_pass_goes_on_with_what_a_custom_call_returns_not_its_activation_of_
 ON_DEVICE = LSUVOptions(scale_on_device=True)
 
 
+@pytest.fixture
+def accelerator(monkeypatch):
+    """Every tensor counts as on an accelerator: what LSUV reads back is what it would read back on one (on a CPU,
+    small tensors are computed on in NumPy instead: `statistics.on_host`)."""
+    monkeypatch.setattr(statistics, "on_accelerator", lambda z: True)
+
+
 @pytest.mark.parametrize("factory", [zoo.deep_mlp, zoo.residual_cnn, zoo.transformer_block, zoo.Subclassed])
-def test_device_and_host_loop_give_the_same_kernels_and_records(factory):
+def test_device_and_host_loop_give_the_same_kernels_and_records(factory, accelerator):
+    # Both on the device's statistics, as on an accelerator: the two ways of finding a scale from them are compared.
     model = factory()
     x = zoo.batch_for(model)
     model(x[:2])
@@ -289,13 +297,6 @@ def test_device_and_host_loop_give_the_same_kernels_and_records(factory):
         assert (a.iterations, a.converged, a.reason) == (b.iterations, b.converged, b.reason), a.name
         assert a.initial_variance == pytest.approx(b.initial_variance, rel=1e-5), a.name
         assert a.final_variance == pytest.approx(b.final_variance, rel=1e-5), a.name
-
-
-@pytest.fixture
-def accelerator(monkeypatch):
-    """Every tensor counts as on an accelerator: what LSUV reads back is what it would read back on one (on a CPU,
-    small tensors are computed on in NumPy instead: `statistics.on_host`)."""
-    monkeypatch.setattr(statistics, "on_accelerator", lambda z: True)
 
 
 def test_a_fresh_model_is_rescaled_with_one_read_back_per_pass(accelerator):

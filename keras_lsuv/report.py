@@ -286,7 +286,7 @@ class LSUVReport:
             if r.skipped:
                 status, initial, final = f"skipped: {r.reason}", "-", "-"
             else:
-                status = f"NOT CONVERGED: {r.reason}" if not r.converged else f"ok ({r.reason})" if r.reason else "ok"
+                status = _status(r.converged, r.reason)
                 initial, final = f"{r.initial_variance:.4g}", f"{r.final_variance:.4g}"
             cells: tuple[str, ...] = (r.name, r.class_name, initial, final, str(r.iterations), f"{r.scale:.4g}")
             if with_means:
@@ -301,7 +301,7 @@ class LSUVReport:
             if m.skipped:
                 cells = (m.name, "-", "-", "-", "-", "-", ", ".join(m.branches) or "-", f"skipped: {m.reason}")
             else:
-                status = f"NOT CONVERGED: {m.reason}" if not m.converged else f"ok ({m.reason})" if m.reason else "ok"
+                status = _status(m.converged, m.reason)
                 stream = "-" if m.stream_variance is None else f"{m.stream_variance:.4g}"
                 cells = (
                     m.name,
@@ -441,6 +441,13 @@ class LSUVReport:
         return ax
 
 
+def _status(converged: bool, reason: str | None) -> str:
+    """The status cell of a record (a layer's or a merge's) that was not skipped."""
+    if not converged:
+        return f"NOT CONVERGED: {reason}"
+    return f"ok ({reason})" if reason else "ok"
+
+
 def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
     """Rows of cells as text lines, each column but the last padded to its widest cell."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
@@ -455,11 +462,7 @@ def _merge_fields() -> list[dataclasses.Field[Any]]:
 def _merge_from_dict(data: Any, index: int) -> MergeRecord:
     if not isinstance(data, Mapping):
         raise ValueError(f"LSUVReport.from_dict: merges[{index}] must be a dict; got {_describe(data)}.")
-    unknown = sorted(set(data) - {field.name for field in _merge_fields()}, key=str)
-    if unknown:
-        raise ValueError(
-            f"LSUVReport.from_dict: merges[{index}] has unknown keys {unknown}; expected those of to_dict()."
-        )
+    _check_keys(data, MergeRecord, f"merges[{index}]")
     if "name" not in data:
         raise ValueError(f"LSUVReport.from_dict: merges[{index}] lacks the key 'name': {data!r}.")
     return MergeRecord(**data)
@@ -471,7 +474,7 @@ def _record_fields() -> list[dataclasses.Field[Any]]:
 
 
 def _check_keys(data: Mapping[Any, Any], cls: type, what: str) -> None:
-    fields = _record_fields() if cls is LayerRecord else dataclasses.fields(cls)
+    fields = {LayerRecord: _record_fields(), MergeRecord: _merge_fields()}.get(cls) or dataclasses.fields(cls)
     unknown = sorted(set(data) - {field.name for field in fields}, key=str)
     if unknown:
         raise ValueError(f"LSUVReport.from_dict: {what} has unknown keys {unknown}; expected those of to_dict().")

@@ -38,7 +38,7 @@ from keras_lsuv.targets import Target
 STREAM = "stream"
 RESIDUAL_MODES = (STREAM,)
 # Layers `f` with `f(s·x) = s·f(x)` for every `s >= 0` in inference mode, through which a branch's scale passes
-# unchanged. `BatchNormalization` only where it adds no offset (`check_scaling`), as a fresh one does.
+# unchanged. `BatchNormalization` only where it adds no offset (`_scales_with_input`), as a fresh one does.
 SCALING_LAYERS: tuple[type[keras.layers.Layer], ...] = (
     layers.Dropout,
     layers.SpatialDropout1D,
@@ -117,16 +117,20 @@ class Merge:
     def branch_targets(self) -> list[Target]:
         return [target for target in self.branches if target is not None]
 
-    def skipped_record(self, reason: str | None = None) -> MergeRecord:
-        """The record of a merge left as it is: `reason`, or its skip reason."""
+    def record(self, **fields: Any) -> MergeRecord:
+        """Its record, with `fields` (the outcome) beside what identifies the merge and its branches."""
         return MergeRecord(
             self.name,
             type(self.operation).__name__,
             branches=[target.layer.name for target in self.branch_targets],
-            reason=reason or self.skip_reason or "not reached by the forward pass",
             operation=self.operation,
             branch_layers=[target.layer for target in self.branch_targets],
+            **fields,
         )
+
+    def skipped_record(self, reason: str | None = None) -> MergeRecord:
+        """The record of a merge left as it is: `reason`, or its skip reason."""
+        return self.record(reason=reason or self.skip_reason or "not reached by the forward pass")
 
 
 def find_merges(model: keras.Model, targets: list[Target]) -> list[Merge]:
@@ -235,7 +239,6 @@ def solve(merge: Merge, args: tuple[Any, ...], kwargs: dict[str, Any], criterion
     else:
         stream_variance, branch_variance, covariance = 0.0, float(variances[0]), 0.0
     goal = criterion.target_variance
-    names = [target.layer.name for target in merge.branch_targets]
     if branch_variance <= MIN_BRANCH_VARIANCE * goal:
         return merge.skipped_record(f"its branches carry no signal (variance {branch_variance:.3g})"), None
     scale, reachable = branch_scale(stream_variance, branch_variance, covariance, goal)
@@ -246,19 +249,14 @@ def solve(merge: Merge, args: tuple[Any, ...], kwargs: dict[str, Any], criterion
             f"the stream alone has variance {stream_variance:.3g}: no branch scale brings the merge to the target, "
             f"so the branches are scaled by {scale:.3g}, to the merge's least variance"
         )
-    record = MergeRecord(
-        merge.name,
-        type(merge.operation).__name__,
+    record = merge.record(
         stream_variance=stream_variance if stream else None,
         branch_variance=branch_variance,
         initial_variance=merge_variance(stream_variance, branch_variance, covariance, 1.0),
         final_variance=final,
         scale=scale,
-        branches=names,
         converged=abs(final - goal) < criterion.tolerance,
         reason=reason,
-        operation=merge.operation,
-        branch_layers=[target.layer for target in merge.branch_targets],
     )
     output = ops.multiply(branch, scale) if not stream else ops.add(parts[0], ops.multiply(branch, scale))
     return record, ops.cast(output, dtype)
@@ -288,8 +286,8 @@ def branch_record(record: LayerRecord, merge: MergeRecord) -> LayerRecord:
     )
 
 
-def check_scaling(layer: keras.layers.Layer) -> bool:
-    """Whether `layer` (one of `SCALING_LAYERS`, or a target's activation) scales with its input as it is now."""
+def _scales_with_input(layer: Any) -> bool:
+    """Whether `layer` (any operation of a graph) is one of `SCALING_LAYERS` and scales with its input as it is now."""
     if isinstance(layer, layers.Activation):
         return layer.activation in SCALING_ACTIVATIONS
     if isinstance(layer, layers.ReLU):
@@ -319,7 +317,7 @@ def _branch_end(
         if id(operation) in by_layer:
             target = by_layer[id(operation)]
             return target if _activation_scales(target) else None
-        if not (isinstance(operation, SCALING_LAYERS) and check_scaling(operation)):
+        if not _scales_with_input(operation):
             return None
         node = operation._inbound_nodes[node_index]
         if len(node.input_tensors) != 1:

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lsuv.statistics import on_accelerator
 from keras_lsuv.targets import DEPTHWISE, SEPARABLE, TRANSPOSED, Target
 
 # The Householder reflections of `haar_orthonormal` are applied this many at a time (the blocked, compact WY form).
@@ -25,9 +26,17 @@ BLOCK = 512
 # TensorFlow on a 2-core CPU, `benchmarks/initializer.py`), so small draws use `householder_qr`; and step 1 draws
 # small groups on the host in NumPy, which also spares JAX a compilation per shape (0.3-2 s on a 2-core CPU).
 SMALL_SIZE = 2**24
+# With JAX on a CPU, step 1 draws larger groups on the host too, up to this `count·m·n²`. NumPy runs
+# `haar_orthonormal` there at about the device's speed (ResNet50's largest group, 3 x 4608 x 512, in 0.16 s on a
+# 2-core CPU), while JAX compiles the Gaussian draw and the reflections for each new shape: ResNet50's 13 large shapes
+# took 11 s of its first step 1 (0.7 s once compiled; 1.3 s and 1.0 s with them on the host). The largest groups
+# (GPT-2's 48 projections of 768 x 768: 1.9 s in NumPy) are faster on the device even with the compilation.
+# TensorFlow and torch compile nothing per shape, and their own draw on a CPU is faster than NumPy's (ResNet50:
+# 0.9 and 0.7 s against 1.2 and 1.0 s), so they keep `SMALL_SIZE`.
+JAX_CPU_HOST_SIZE = 2**33
 
 
-def haar_orthonormal(gaussian: Any, block: int = BLOCK) -> Any:
+def haar_orthonormal(gaussian: Any, block: int = BLOCK, xp: Any = ops) -> Any:
     """Haar-distributed matrices with orthonormal columns from Gaussian ones, at matrix-multiply speed.
 
     Householder QR of a Gaussian `A` (`m x n`, `m >= n`) writes
@@ -56,6 +65,8 @@ def haar_orthonormal(gaussian: Any, block: int = BLOCK) -> Any:
         gaussian: A float32 tensor of shape `(..., m, n)` with `m >= n` and
             independent standard normal entries.
         block: Number of reflections applied at a time.
+        xp: The array functions: `keras.ops` (the backend's device), or
+            `HOST_OPS` (NumPy arrays on the host).
 
     Returns:
         A float32 tensor of the same shape whose matrices have orthonormal columns.
@@ -65,24 +76,24 @@ def haar_orthonormal(gaussian: Any, block: int = BLOCK) -> Any:
     q, signs = None, list[Any]()
     for start in reversed(range(0, cols, block)):
         width = min(block, cols - start)
-        unit, sign = _reflections(gaussian[..., start:, start : start + width])
+        unit, sign = _reflections(gaussian[..., start:, start : start + width], xp)
         signs.insert(0, sign)
-        unit_t = ops.swapaxes(unit, -1, -2)
+        unit_t = xp.swapaxes(unit, -1, -2)
         # T⁻¹ = strictly_upper(UᵀU) + diag(uᵢᵀuᵢ) / 2: with the computed lengths (1 up to rounding), each block is
         # exactly the product of the reflections of its vectors as rounded, which halves the loss of orthogonality.
-        gram = ops.matmul(unit_t, unit)
-        inverse_t = ops.triu(gram) - 0.5 * gram * ops.eye(width, dtype="float32")
+        gram = xp.matmul(unit_t, unit)
+        inverse_t = xp.triu(gram) - 0.5 * gram * xp.eye(width, dtype="float32")
         # The part of Q that this block changes is [[I, 0], [0, q]] (q from the blocks after it); Uᵀ of it:
         head = unit_t[..., :width]
-        product = head if q is None else ops.concatenate([head, ops.matmul(unit_t[..., width:], q)], axis=-1)
-        update = ops.matmul(unit, ops.solve_triangular(inverse_t, product, lower=False))
+        product = head if q is None else xp.concatenate([head, xp.matmul(unit_t[..., width:], q)], axis=-1)
+        update = xp.matmul(unit, xp.solve_triangular(inverse_t, product, lower=False))
         if q is None:
-            q = ops.eye(rows - start, width, dtype="float32") - update
+            q = xp.eye(rows - start, width, dtype="float32") - update
         else:
-            top = ops.eye(width, cols - start, dtype="float32") - update[..., :width, :]
-            bottom = ops.pad(q, [*batch_padding, (0, 0), (width, 0)]) - update[..., width:, :]
-            q = ops.concatenate([top, bottom], axis=-2)
-    return q * ops.expand_dims(ops.concatenate(signs, axis=-1), -2)
+            top = xp.eye(width, cols - start, dtype="float32") - update[..., :width, :]
+            bottom = xp.pad(q, [*batch_padding, (0, 0), (width, 0)]) - update[..., width:, :]
+            q = xp.concatenate([top, bottom], axis=-2)
+    return q * xp.expand_dims(xp.concatenate(signs, axis=-1), -2)
 
 
 def householder_qr(matrices: Any) -> Any:
@@ -92,16 +103,16 @@ def householder_qr(matrices: Any) -> Any:
     return q * ops.expand_dims(ops.sign(ops.diagonal(r, axis1=-2, axis2=-1)), -2)
 
 
-def _reflections(columns: Any) -> tuple[Any, Any]:
+def _reflections(columns: Any, xp: Any) -> tuple[Any, Any]:
     """The unit Householder vectors of a block of `haar_orthonormal` (column `k` from row `k` of `columns` down)
     and the signs they fold into Q's columns (those of R's diagonal)."""
-    below = ops.tril(columns)
-    norm = ops.sqrt(ops.sum(ops.square(below), axis=-2))
-    sign = ops.where(ops.diagonal(below, axis1=-2, axis2=-1) >= 0, 1.0, -1.0)
+    below = xp.tril(columns)
+    norm = xp.sqrt(xp.sum(xp.square(below), axis=-2))
+    sign = xp.where(xp.diagonal(below, axis1=-2, axis2=-1) >= 0, 1.0, -1.0)
     # A zero column (probability zero, possible in float32) gets the vector e₁: still a reflection.
-    shift = sign * norm + ops.cast(ops.equal(norm, 0.0), "float32")
-    vectors = below + ops.eye(*columns.shape[-2:], dtype="float32") * ops.expand_dims(shift, -2)
-    return vectors / ops.sqrt(ops.sum(ops.square(vectors), axis=-2, keepdims=True)), -sign
+    shift = sign * norm + xp.cast(xp.equal(norm, 0.0), "float32")
+    vectors = below + xp.eye(*columns.shape[-2:], dtype="float32") * xp.expand_dims(shift, -2)
+    return vectors / xp.sqrt(xp.sum(xp.square(vectors), axis=-2, keepdims=True)), -sign
 
 
 def orthonormal_matrices(count: int, rows: int, cols: int, seed: int | keras.random.SeedGenerator) -> Any:
@@ -133,24 +144,51 @@ def _orthonormal_draw(batch: tuple[int, ...], rows: int, cols: int, seed: int | 
     """`orthonormal_matrices` with the batch axes `batch` (none for one matrix, as the initializer draws it)."""
     tall = (max(rows, cols), min(rows, cols))
     gaussian = keras.random.normal((*batch, *tall), seed=seed, dtype="float32")
-    small = _is_small(math.prod(batch), *tall)
+    small = _size(math.prod(batch), *tall) <= SMALL_SIZE
     q = householder_qr(gaussian) if small else _compiled_haar_orthonormal(gaussian)
     return ops.swapaxes(q, -1, -2) if rows < cols else q
 
 
-def _is_small(count: int, rows: int, cols: int) -> bool:
-    """Whether `count` matrices of shape `(rows, cols)` are a small draw (`SMALL_SIZE`)."""
-    return count * max(rows, cols) * min(rows, cols) ** 2 <= SMALL_SIZE
+def _size(count: int, rows: int, cols: int) -> int:
+    """The size of a draw of `count` matrices of shape `(rows, cols)`, as `SMALL_SIZE` counts it: `count·m·n²`."""
+    return count * max(rows, cols) * min(rows, cols) ** 2
 
 
 def host_orthonormal_matrices(count: int, rows: int, cols: int, seed: int) -> np.ndarray:
-    """`orthonormal_matrices` in NumPy on the host (float64 Householder QR, signs of R's diagonal folded in).
+    """`orthonormal_matrices` in NumPy on the host: `haar_orthonormal` of a float32 Gaussian drawn by NumPy.
 
-    Step 1 uses it for small matrices, where it is faster than launching (and on JAX compiling) the device draw.
+    Step 1 uses it where the host is faster than launching (and on JAX compiling) the device draw: for small
+    groups, and with JAX on a CPU for all but the largest (`JAX_CPU_HOST_SIZE`).
     """
-    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((count, max(rows, cols), min(rows, cols))))
-    q *= np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
-    return (np.swapaxes(q, -1, -2) if rows < cols else q).astype("float32")
+    tall = (count, max(rows, cols), min(rows, cols))
+    q: np.ndarray = haar_orthonormal(np.random.default_rng(seed).standard_normal(tall, dtype="float32"), xp=HOST_OPS)
+    return np.swapaxes(q, -1, -2) if rows < cols else q
+
+
+class _HostOps:
+    """The `keras.ops` functions of `haar_orthonormal`, in NumPy on float32 arrays (`HOST_OPS`).
+
+    NumPy has the same functions with the same signatures, except a triangular solve (a general one: the blocks
+    are at most `BLOCK` wide), a cast, and a `where` that keeps Python scalars float32.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(np, name)
+
+    @staticmethod
+    def solve_triangular(a: np.ndarray, b: np.ndarray, lower: bool = False) -> np.ndarray:
+        return np.linalg.solve(a, b)
+
+    @staticmethod
+    def cast(x: Any, dtype: str) -> np.ndarray:
+        return np.asarray(x, dtype=dtype)
+
+    @staticmethod
+    def where(condition: np.ndarray, x: float, y: float) -> np.ndarray:
+        return np.asarray(np.where(condition, np.float32(x), np.float32(y)))
+
+
+HOST_OPS = _HostOps()
 
 
 def _compiled_haar_orthonormal(gaussian: Any, block: int = BLOCK) -> Any:
@@ -261,10 +299,10 @@ def redraw_orthonormal(targets: Sequence[Target], seed: int | None = None) -> No
     All matrices of one shape, across layers, are drawn in one batched
     `orthonormal_matrices` call on the backend's device (every attention
     projection of a transformer, every block of a ResNet stage); groups of
-    small matrices (`count·m·n² <= SMALL_SIZE`) are drawn on the host
-    instead. Then each kernel of that shape is assigned, cast to its
-    variable's dtype. The variables keep their identity and, on JAX, their
-    sharding.
+    small matrices (`count·m·n² <= SMALL_SIZE`; `JAX_CPU_HOST_SIZE` with JAX
+    on a CPU) are drawn on the host instead, by the same algorithm in NumPy.
+    Then each kernel of that shape is assigned, cast to its variable's dtype.
+    The variables keep their identity and, on JAX, their sharding.
 
     Example:
 
@@ -284,7 +322,8 @@ def redraw_orthonormal(targets: Sequence[Target], seed: int | None = None) -> No
     seeds = np.random.default_rng(seed)
     for (rows, cols), kernels in groups.items():
         total, group_seed = sum(count for _, count, _ in kernels), int(seeds.integers(2**31))
-        on_host = _is_small(total, rows, cols)
+        host_size = JAX_CPU_HOST_SIZE if _jax_on_cpu(kernels[0][0]) else SMALL_SIZE
+        on_host = _size(total, rows, cols) <= host_size
         # On the host the layouts are NumPy operations: per-shape device ops would each compile on JAX.
         if on_host:
             matrices, xp = host_orthonormal_matrices(total, rows, cols, group_seed), np
@@ -295,6 +334,14 @@ def redraw_orthonormal(targets: Sequence[Target], seed: int | None = None) -> No
             values = to_kernel(xp, matrices[start : start + count])
             kernel.assign(values if on_host else ops.cast(values, kernel.dtype))
             start += count
+
+
+def _jax_on_cpu(kernel: keras.Variable) -> bool:
+    """Whether `kernel` is a JAX array on a CPU, where each new shape of a device draw costs a compilation.
+
+    The backend check is needed: Keras has no portable way to ask whether a backend compiles per shape.
+    """
+    return keras.backend.backend() == "jax" and not on_accelerator(kernel.value)
 
 
 def _layout(layer: keras.layers.Layer, kernel: keras.Variable) -> tuple[int, int, int, Callable[[Any, Any], Any]]:

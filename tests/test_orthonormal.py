@@ -402,18 +402,37 @@ def test_failure_midway_through_step_1_restores_every_kernel(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
-def test_large_groups_are_drawn_on_the_device_small_ones_on_the_host(monkeypatch):
+@pytest.mark.parametrize("jax_on_cpu", [False, True])
+def test_large_groups_are_drawn_on_the_device_small_ones_on_the_host(monkeypatch, jax_on_cpu):
+    """Groups up to `SMALL_SIZE` are drawn on the host; with JAX on a CPU (a compilation per device shape), groups up
+    to `JAX_CPU_HOST_SIZE` too (here lowered to 512³, one 512 x 512 matrix)."""
     calls = {"device": [], "host": []}
     for name, where in (("orthonormal_matrices", "device"), ("host_orthonormal_matrices", "host")):
         draw = getattr(orthonormal, name)
         monkeypatch.setattr(
             orthonormal, name, lambda *args, draw=draw, where=where: calls[where].append(args[:3]) or draw(*args)
         )
-    model = keras.Sequential([keras.Input((512,)), keras.layers.Dense(512), keras.layers.Dense(8)])
+    monkeypatch.setattr(orthonormal, "_jax_on_cpu", lambda kernel: jax_on_cpu)
+    monkeypatch.setattr(orthonormal, "JAX_CPU_HOST_SIZE", 512**3)
+    layers = [keras.layers.Dense(512), keras.layers.Dense(1024), keras.layers.Dense(8)]
+    model = keras.Sequential([keras.Input((512,)), *layers])
     redraw_orthonormal(find_targets(model), seed=0)
-    assert calls == {"device": [(1, 512, 512)], "host": [(1, 512, 8)]}
+    if jax_on_cpu:
+        assert calls == {"device": [(1, 512, 1024)], "host": [(1, 512, 512), (1, 1024, 8)]}
+    else:
+        assert calls == {"device": [(1, 512, 512), (1, 512, 1024)], "host": [(1, 1024, 8)]}
     for layer in model.layers:
         assert_orthonormal(as_matrix(layer.kernel))
+
+
+def test_host_draw_is_float32_and_reproducible():
+    """The host draw runs `haar_orthonormal` on NumPy float32 arrays (`HOST_OPS` keeps Python scalars float32)."""
+    first = orthonormal.host_orthonormal_matrices(3, 40, 24, seed=7)
+    assert first.dtype == np.float32 and first.shape == (3, 40, 24)
+    np.testing.assert_array_equal(first, orthonormal.host_orthonormal_matrices(3, 40, 24, seed=7))
+    assert not np.array_equal(first, orthonormal.host_orthonormal_matrices(3, 40, 24, seed=8))
+    for matrix in first:
+        assert_orthonormal(matrix)
 
 
 def test_small_draws_use_householder_qr_large_ones_the_reflections(monkeypatch):

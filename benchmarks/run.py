@@ -9,7 +9,7 @@ page to write (the results go beside it); `--quick` and `--gpu` write nothing un
 are in `configs.py`, the models in `models.py`, the timing and the processes in `harness.py`. The sections, in the
 page's order: 0. first calls in fresh processes (`first_call.py`), 1. cost vs depth (`cost.py`), 2. real models
 (`real.py`), 3. the PyTorch `lsuv` package (`peer.py`, `peer_resnet.py`), 4. the initializer (`initializer.py`),
-5. training overhead (`training.py`), 6. memory (`memory.py`).
+5. training overhead (`training.py`), 6. memory (`memory.py`), 7. the Keras 3 peer `anyinit` (`anyinit_peer.py`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ def measure(backend, flags, config, first_calls):
     processes = [["--worker"]] + [["--memory-probe", mode] for mode in memory.MODES]
     cases = first_call.cases(config)
     processes += [
-        ["--first-call", case, mode] for _ in range(first_calls) for case in cases for mode in first_call.MODES
+        ["--first-call", case, mode]
+        for _ in range(first_calls)
+        for case in cases
+        for mode in first_call.modes(config, case)
     ]
     return [row for arguments in processes for row in harness.run_process(__file__, backend, *arguments, *flags)]
 

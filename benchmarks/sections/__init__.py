@@ -7,7 +7,7 @@ and the figures its prose quotes) from every section's rows. A module with `targ
 page's list of targets, checked against the rows. A section that only applies to one backend says so in `rows`.
 """
 
-from sections import cost, first_call, initializer, memory, peer, peer_resnet, real, training
+from sections import anyinit_peer, cost, first_call, initializer, memory, peer, peer_resnet, real, training
 
 # Measured in this order, in one process per backend; then `memory.MODES`, each in a fresh process per backend, and
 # each first call (`first_call.probe`) in fresh processes of its own.
@@ -18,5 +18,6 @@ SHARED = {
     "peer_resnet": peer_resnet,
     "initializer": initializer,
     "training": training,
+    "anyinit": anyinit_peer,
 }
 SECTIONS = {"first_call": first_call, **SHARED, "memory": memory}

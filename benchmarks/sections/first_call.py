@@ -3,7 +3,8 @@
 A user runs LSUV once per training run, in a fresh process, so its first call (tracing, compilation, the backend's
 first use of each op and shape) is the one they pay. `run.py --first-call CASE MODE` runs `probe` in a process of its
 own: it builds the case's model (seed 0) and times one call, the forward pass (`harness.forward`) or `lsuv_init`
-(`harness.lsuv`), the first of the process after the imports and the model's construction. Each case and mode runs
+(`harness.lsuv`), or on the small models the peer `anyinit` (section 7), the first of the process after the imports
+and the model's construction. Each case and mode runs
 in `PROCESSES` fresh processes per backend (`--quick`: one); the table gives the medians, and the spread of the
 ratio over the pairs of processes (the i-th LSUV process against the i-th forward one).
 """
@@ -31,13 +32,28 @@ def cases(config):
     return list(config["first_call"]) + [models.real_label(*entry) for entry in real]
 
 
+def modes(config, case):
+    """The calls timed in fresh processes for `case`: the forward pass and `lsuv_init`, and on the small models
+    anyinit's too where it is installed (section 7, `anyinit_peer.py`)."""
+    from sections import anyinit_peer
+
+    return MODES + ("anyinit",) * (case in config["first_call"] and anyinit_peer.installed())
+
+
 def probe(config, case, mode):
     """Prints the seconds of the first `mode` call on the case's fresh model, as a JSON row."""
     import keras
 
+    from sections import anyinit_peer
+
     keras.utils.set_random_seed(0)
-    model, x = _build(config, case)
-    call = (lambda: harness.forward(model, x)) if mode == "forward" else (lambda: harness.lsuv(model, x, "single_pass"))
+    model, x = build(config, case)
+    calls = {
+        "forward": lambda: harness.forward(model, x),
+        "lsuv": lambda: harness.lsuv(model, x, "single_pass"),
+        "anyinit": lambda: anyinit_peer.initialize(model, x),
+    }
+    call = calls[mode]
     start = time.perf_counter()
     call()
     seconds = time.perf_counter() - start
@@ -45,7 +61,8 @@ def probe(config, case, mode):
     print(json.dumps(row), flush=True)
 
 
-def _build(config, case):
+def build(config, case):
+    """The model of `case` and its batch, built from the current random seed."""
     if case in config["first_call"]:
         kind, arguments, batch, shape = config["first_call"][case]
         return getattr(models, kind)(*arguments), models.inputs(batch, shape)
@@ -55,18 +72,24 @@ def _build(config, case):
     raise ValueError(f"no first-call case {case!r}")
 
 
-def summary(results):
-    """`{(backend, case): (forward seconds, LSUV seconds, ratios)}`: the processes' times, paired in run order."""
+def times(results):
+    """`{(backend, case): {mode: [seconds of each process, in run order]}}`."""
     found = {}
     for r in results["first_call"]:
-        found.setdefault((r["backend"], r["case"]), {mode: [] for mode in MODES})[r["mode"]].append(r["seconds"])
+        found.setdefault((r["backend"], r["case"]), {}).setdefault(r["mode"], []).append(r["seconds"])
+    return found
+
+
+def ratios(case_times, mode):
+    """`mode`'s first calls over the forward pass's, process by process (the i-th against the i-th)."""
+    return [other / fwd for fwd, other in zip(case_times["forward"], case_times[mode], strict=True)]
+
+
+def summary(results):
+    """`{(backend, case): (forward seconds, LSUV seconds, ratios)}`: the processes' times, paired in run order."""
     return {
-        key: (
-            times["forward"],
-            times["lsuv"],
-            [lsuv / fwd for fwd, lsuv in zip(times["forward"], times["lsuv"], strict=True)],
-        )
-        for key, times in found.items()
+        key: (case_times["forward"], case_times["lsuv"], ratios(case_times, "lsuv"))
+        for key, case_times in times(results).items()
     }
 
 

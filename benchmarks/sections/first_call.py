@@ -4,9 +4,9 @@ A user runs LSUV once per training run, in a fresh process, so its first call (t
 first use of each op and shape) is the one they pay. `run.py --first-call CASE MODE` runs `probe` in a process of its
 own: it builds the case's model (seed 0) and times one call, the forward pass (`harness.forward`) or `lsuv_init`
 (`harness.lsuv`), or on the small models the peer `anyinit` (section 7), the first of the process after the imports
-and the model's construction. Each case and mode runs
-in `PROCESSES` fresh processes per backend (`--quick`: one); the table gives the medians, and the spread of the
-ratio over the pairs of processes (the i-th LSUV process against the i-th forward one).
+and the model's construction. Each case and mode runs in `PROCESSES` fresh processes per backend (`--quick`: one);
+the table gives the medians, and the spread of the ratio over the pairs of processes (the i-th LSUV process against
+the i-th forward one).
 """
 
 from __future__ import annotations

@@ -113,7 +113,8 @@ bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run.py --quick
 
 # The full benchmark: prints the report and writes docs/benchmarks.md. The page's run (`--repeats 1 --real-models
-# all`) took 42 minutes on 2 CPU cores, most of it the first-call section's 126 fresh processes.
+# all`) took 46 minutes on 2 CPU cores, most of it the first-call section's 153 fresh processes (27 of them anyinit's,
+# run where it is installed).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 

@@ -48,6 +48,22 @@ def lsuv(model, x, engine, orthonormal=True):
     return keras_lsuv.lsuv_init(model, x, engine=engine, orthonormal=orthonormal, seed=0, force=True, verbose=0)
 
 
+def anyinit_installed():
+    """Whether the Keras 3 peer `anyinit` (an optional dependency) can be imported here."""
+    try:
+        import anyinit  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def anyinit(model, x):
+    """The peer `anyinit` in its empirical mode on `model` with the batch `x`, seed 0; returns its report."""
+    import anyinit
+
+    return anyinit.initialize(model, "empirical", x, seed=0)
+
+
 @contextlib.contextmanager
 def counted_host_reads():
     """Counts the values read back to the host (`keras.ops.convert_to_numpy`, which LSUV uses) inside the block.

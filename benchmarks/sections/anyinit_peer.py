@@ -14,30 +14,14 @@ import statistics
 import harness
 from page import table, verdict
 
+from sections import first_call
+
 INSTALL = "pip install anyinit==0.4.0"
-
-
-def installed():
-    """Whether the `anyinit` package can be imported here."""
-    try:
-        import anyinit  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def initialize(model, x):
-    """anyinit's empirical mode on `model` with the batch `x`, seed 0; returns its report."""
-    import anyinit
-
-    return anyinit.initialize(model, "empirical", x, seed=0)
 
 
 def rows(config, repeats):
     """Per first-call model: the warm forward pass, anyinit and our `lsuv_init`, and what anyinit measured."""
-    from sections import first_call
-
-    if not installed():
+    if not harness.anyinit_installed():
         yield {"missing": INSTALL}
         return
     for case in config["first_call"]:
@@ -47,7 +31,7 @@ def rows(config, repeats):
 def _row(case, model, x, repeats):
     row = {"case": case}
     row["forward"] = harness.first_and_median(lambda: harness.forward(model, x), repeats)[1]
-    _, row["anyinit"], report = harness.first_and_median(lambda: initialize(model, x), repeats)
+    _, row["anyinit"], report = harness.first_and_median(lambda: harness.anyinit(model, x), repeats)
     row["layers"] = len(report.layers)
     row["measured"] = sum(layer.measured is not None for layer in report.layers)
     row["unscaled"] = len(report.unscaled)
@@ -57,8 +41,6 @@ def _row(case, model, x, repeats):
 
 def _first_calls(results, backend, case):
     """The median ratios of anyinit's and our first calls over the model's first forward call (fresh processes)."""
-    from sections import first_call
-
     times = first_call.times(results).get((backend, case), {})
     if not times.get("anyinit"):
         return None
@@ -70,14 +52,14 @@ def _measures_every_layer(row):
 
 
 def render(results, config):
-    rows_ = [r for r in results["anyinit"] if "missing" not in r]
-    if not rows_:
+    measured = [r for r in results["anyinit"] if "missing" not in r]
+    if not measured:
         missing = next((r["missing"] for r in results["anyinit"]), INSTALL)
         return {"anyinit": f"Skipped: the `anyinit` package is not installed (`{missing}`)."}
     header = ["backend", "model", "layers anyinit measures", "forward (ms)", "anyinit / fwd", "ours / fwd"]
     header += ["anyinit 1st / fwd 1st", "ours 1st / fwd 1st"]
     body = []
-    for r in rows_:
+    for r in measured:
         measured = f"{r['measured']} of {r['layers']}" + (f" ({r['unscaled']} weights unscaled)" * bool(r["unscaled"]))
         first = _first_calls(results, r["backend"], r["case"])
         firsts = [f"{first[mode]:.2f}" for mode in ("anyinit", "lsuv")] if first else ["not run"] * 2

@@ -35,30 +35,26 @@ def cases(config):
 def modes(config, case):
     """The calls timed in fresh processes for `case`: the forward pass and `lsuv_init`, and on the small models
     anyinit's too where it is installed (section 7, `anyinit_peer.py`)."""
-    from sections import anyinit_peer
-
-    return MODES + ("anyinit",) * (case in config["first_call"] and anyinit_peer.installed())
+    peer = case in config["first_call"] and harness.anyinit_installed()
+    return MODES + (("anyinit",) if peer else ())
 
 
 def probe(config, case, mode):
     """Prints the seconds of the first `mode` call on the case's fresh model, as a JSON row."""
     import keras
 
-    from sections import anyinit_peer
-
     keras.utils.set_random_seed(0)
     model, x = build(config, case)
-    calls = {
-        "forward": lambda: harness.forward(model, x),
-        "lsuv": lambda: harness.lsuv(model, x, "single_pass"),
-        "anyinit": lambda: anyinit_peer.initialize(model, x),
-    }
-    call = calls[mode]
+    call = {"forward": harness.forward, "lsuv": _lsuv, "anyinit": harness.anyinit}[mode]
     start = time.perf_counter()
-    call()
+    call(model, x)
     seconds = time.perf_counter() - start
     row = {"section": "first_call", "backend": keras.backend.backend(), "case": case, "mode": mode, "seconds": seconds}
     print(json.dumps(row), flush=True)
+
+
+def _lsuv(model, x):
+    return harness.lsuv(model, x, "single_pass")
 
 
 def build(config, case):

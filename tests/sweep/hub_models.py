@@ -336,3 +336,19 @@ def segformer():
     )
     model = models.SegFormerBackbone(image_encoder=encoder, projection_filters=16)
     return model, inputs_for(model)
+
+
+def deeplab_v3():
+    """A DeepLabV3 head on the tiny ResNet above: it builds its feature pyramid from the encoder's own tensors, so
+    the encoder's additions belong to two Functional graphs."""
+    encoder, x = resnet()
+    model = models.DeepLabV3Backbone(
+        image_encoder=encoder,
+        spatial_pyramid_pooling_key="P3",
+        upsampling_size=2,
+        dilation_rates=[1, 2],
+        low_level_feature_key="P2",
+        projection_filters=8,
+        image_shape=(32, 32, 3),
+    )
+    return model, x

@@ -23,6 +23,7 @@ import os
 import warnings
 from pathlib import Path
 
+import application_models
 import keras
 import keras_io_models
 import numpy as np
@@ -43,7 +44,8 @@ class Case:
 
     Args:
         name: The family or example, as the docs table shows it.
-        source: `"keras-hub"` (a backbone of `hub_models`) or `"keras.io"` (a model of `keras_io_models`).
+        source: `"keras-hub"` (a backbone of `hub_models`), `"keras.io"` (a model of `keras_io_models`) or
+            `"keras.applications"` (a model of `application_models`).
         builder: The builder's name in its module.
         fast: The backend that runs the case in the fast slice (`make test`).
         limits: What LSUV does not do on this model, for the docs.
@@ -71,6 +73,10 @@ def hub(name, builder, fast, **details):
 
 def keras_io(name, builder, fast, **details):
     return Case(name, "keras.io", builder, fast, **details)
+
+
+def application(name, builder, fast, **details):
+    return Case(name, "keras.applications", builder, fast, **details)
 
 
 # The backend of each case in the fast slice, chosen so that each backend's share takes about a minute on 2 cores.
@@ -140,6 +146,7 @@ CASES = [
         fit_skip=dict.fromkeys(BACKENDS, "keras-hub's SAMImageSegmenter only supports inference (fit raises)"),
     ),
     hub("SegFormer", "segformer", TORCH),
+    hub("DeepLabV3", "deeplab_v3", TORCH),
     keras_io("ConvMixer", "convmixer", TF),
     keras_io("MLP-Mixer", "mlp_mixer", TORCH),
     keras_io("FNet", "fnet", JAX),
@@ -178,6 +185,11 @@ CASES = [
     keras_io("MNIST convnet", "mnist_convnet", TF),
     keras_io("Tabular", "tabular", JAX),
     keras_io("Seq2seq transformer", "seq2seq_transformer", TORCH),
+    application("ResNet50", "resnet50", TF),
+    application("ConvNeXtTiny", "convnext_tiny", TORCH),
+    application("EfficientNetV2B0", "efficientnet_v2_b0", TF),
+    # 245 targets: torch takes three times TensorFlow's time on it.
+    application("InceptionResNetV2", "inception_resnet_v2", TF),
 ]
 
 
@@ -192,12 +204,16 @@ def params(kind):
 
 
 def build(case):
-    """The case's model, inputs and `fit` targets; keras-hub backbones are compiled to regress to zeros."""
+    """The case's model, inputs and `fit` targets; keras-hub backbones and keras.applications models are compiled to
+    regress to zeros."""
     if case.source == "keras.io":
         return getattr(keras_io_models, case.builder)()
-    if importlib.util.find_spec("keras_hub") is None:  # `make test-min`'s environment
-        pytest.skip("keras-hub is not installed")
-    model, x = getattr(importlib.import_module("hub_models"), case.builder)()
+    if case.source == "keras.applications":
+        model, x = getattr(application_models, case.builder)()
+    else:
+        if importlib.util.find_spec("keras_hub") is None:  # `make test-min`'s environment
+            pytest.skip("keras-hub is not installed")
+        model, x = getattr(importlib.import_module("hub_models"), case.builder)()
     y = keras.tree.map_structure(lambda t: np.zeros(t.shape, "float32"), model(x, training=False))
     model.compile(optimizer="adam", loss="mse")
     return model, x, y

@@ -134,7 +134,12 @@ class Merge:
 
 
 def find_merges(model: keras.Model, targets: list[Target]) -> list[Merge]:
-    """Every addition node of the Functional graphs in `model` (itself and nested ones), with its branches.
+    """Every addition node of the Functional graphs in `model` (itself and nested ones), with its branches, once.
+
+    A node belongs to several graphs where a Functional model is built from another one's tensors (keras-hub's
+    `DeepLabV3Backbone` builds its feature pyramid from its encoder's): each operation is one merge, as each layer is
+    one target, and a tensor's consumers are counted over every graph, so that a branch is used by nothing else in
+    any of them.
 
     Args:
         model: The model, built.
@@ -145,26 +150,29 @@ def find_merges(model: keras.Model, targets: list[Target]) -> list[Merge]:
         solvable at one call and carries a `skip_reason`; so does one with no input that is a branch.
     """
     by_layer = {id(t.layer): t for t in targets if not t.skip_reason}
-    merges = []
+    nodes: dict[int, Any] = {}  # every node of every graph, once, by id
+    outputs = []
     for graph in _graphs(model):
-        nodes = [node for depth in sorted(graph._nodes_by_depth, reverse=True) for node in graph._nodes_by_depth[depth]]
-        consumers = Counter(id(tensor) for node in nodes for tensor in node.input_tensors)
-        consumers.update(id(tensor) for tensor in tree.flatten(graph.outputs))
-        calls = Counter(id(node.operation) for node in nodes)
-        for node in nodes:
-            if not _is_add(node.operation) or len(node.input_tensors) < 2:
-                continue
-            branches = [_branch_end(tensor, by_layer, consumers, calls) for tensor in node.input_tensors]
-            merge = Merge(node.operation, branches)
-            if calls[id(node.operation)] > 1 or len(getattr(node.operation, "_inbound_nodes", ())) > 1:
-                merge.skip_reason = "called several times: a branch scale is solved at one call"
-            elif not merge.branch_targets:
-                merge.skip_reason = (
-                    "no input is a branch: none is the output of a target through layers that scale with it "
-                    "(e.g. Dropout, pooling, relu, a fresh BatchNormalization), used only on the way to this merge"
-                )
-            merges.append(merge)
-    return merges
+        for depth in sorted(graph._nodes_by_depth, reverse=True):
+            nodes.update((id(node), node) for node in graph._nodes_by_depth[depth])
+        outputs += tree.flatten(graph.outputs)
+    consumers = Counter(id(tensor) for node in nodes.values() for tensor in node.input_tensors)
+    consumers.update(id(tensor) for tensor in outputs)
+    calls = Counter(id(node.operation) for node in nodes.values())
+    merges: dict[int, Merge] = {}
+    for node in nodes.values():
+        if not _is_add(node.operation) or len(node.input_tensors) < 2 or id(node.operation) in merges:
+            continue
+        branches = [_branch_end(tensor, by_layer, consumers, calls) for tensor in node.input_tensors]
+        merge = merges[id(node.operation)] = Merge(node.operation, branches)
+        if calls[id(node.operation)] > 1 or len(getattr(node.operation, "_inbound_nodes", ())) > 1:
+            merge.skip_reason = "called several times: a branch scale is solved at one call"
+        elif not merge.branch_targets:
+            merge.skip_reason = (
+                "no input is a branch: none is the output of a target through layers that scale with it "
+                "(e.g. Dropout, pooling, relu, a fresh BatchNormalization), used only on the way to this merge"
+            )
+    return list(merges.values())
 
 
 def branch_scale(stream: float, branch: float, covariance: float, goal: float) -> tuple[float, bool]:

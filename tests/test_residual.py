@@ -231,3 +231,26 @@ def test_branch_scale_reaches_the_goal_or_the_least_variance(stream, branch, cov
         grid = np.linspace(0, 3, 3001)
         least = min(merge_variance(stream, branch, covariance, s) for s in grid)
         assert merge_variance(stream, branch, covariance, scale) <= least + 1e-9
+
+
+class FeaturePyramid(keras.Model):
+    """A Functional model built from another one's tensors (as keras-hub's `DeepLabV3Backbone` builds its pyramid
+    from its encoder's): the encoder's first merge belongs to both graphs; the encoder is tracked, not called."""
+
+    def __init__(self):
+        encoder = resnet(blocks=2)
+        first = [layer for layer in encoder.layers if isinstance(layer, layers.Add)][0]
+        features = keras.Model(encoder.inputs, first.output)
+        inputs = keras.Input((8, 8, 3))
+        super().__init__(inputs, layers.Dense(3)(layers.GlobalAveragePooling2D()(features(inputs))))
+        self.encoder = encoder
+        self.first = first
+
+
+def test_a_merge_in_two_graphs_has_one_record_and_is_solved():
+    model = FeaturePyramid()
+    x = zoo.batch_for(model)
+    report = zoo.initialize_and_check(model, x, residual="stream")
+    records = [m for m in report.merges if m.operation is model.first]
+    assert len(records) == 1 and not records[0].skipped and records[0].converged, str(report)
+    assert len({id(m.operation) for m in report.merges}) == len(report.merges)

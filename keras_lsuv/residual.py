@@ -12,9 +12,11 @@ the stream may still reach it at a small scale; otherwise no `s > 0` does, and t
 variance the merge can have, 0 for a branch uncorrelated with the stream, the way Fixup and SkipInit start residual
 branches.
 
-An input of a merge is a branch when it is the output of a target through layers that scale with their input
+An input of a merge is a branch when it is the output of a target with Keras's own `call` (`Target.
+is_linear_in_kernel`: a `call` of its own need not scale with its kernel) through layers that scale with their input
 (`f(s·x) = s·f(x)`, `SCALING_LAYERS`), each output on that path used by the next layer only. The target's kernel and
-bias are both multiplied by `s`, so its pre-activation becomes exactly `s` times what it was and so does the branch.
+bias are both multiplied by `s`, so its pre-activation becomes exactly `s` times what it was and so does the branch:
+the merge's output at the scale, `U + s·S`, is the one the model computes, and the pass goes on with it.
 `MultiHeadAttention` ends with its output projection, so an attention branch ends at that `EinsumDense`.
 """
 
@@ -163,14 +165,17 @@ def find_merges(model: keras.Model, targets: list[Target]) -> list[Merge]:
     for node in nodes.values():
         if not _is_add(node.operation) or len(node.input_tensors) < 2 or id(node.operation) in merges:
             continue
-        branches = [_branch_end(tensor, by_layer, consumers, calls) for tensor in node.input_tensors]
-        merge = merges[id(node.operation)] = Merge(node.operation, branches)
+        ends = [_branch_end(tensor, by_layer, consumers, calls) for tensor in node.input_tensors]
+        merge = merges[id(node.operation)] = Merge(node.operation, [target for target, _ in ends])
         if calls[id(node.operation)] > 1 or len(getattr(node.operation, "_inbound_nodes", ())) > 1:
             merge.skip_reason = "called several times: a branch scale is solved at one call"
         elif not merge.branch_targets:
-            merge.skip_reason = (
-                "no input is a branch: none is the output of a target through layers that scale with it "
-                "(e.g. Dropout, pooling, relu, a fresh BatchNormalization), used only on the way to this merge"
+            obstacles = [obstacle for _, obstacle in ends if obstacle]
+            merge.skip_reason = "no input is a branch: " + (
+                "; ".join(obstacles)
+                if obstacles
+                else "none is the output of a target through layers that scale with it (e.g. Dropout, pooling, "
+                "relu), used only on the way to this merge"
             )
     return list(merges.values())
 
@@ -310,32 +315,36 @@ def _scales_with_input(layer: Any) -> bool:
 
 def _branch_end(
     tensor: Any, by_layer: dict[int, Target], consumers: Counter[int], calls: Counter[int]
-) -> Target | None:
+) -> tuple[Target | None, str | None]:
     """The target whose output reaches `tensor` through layers that scale with it, each output used once; else
-    `None`."""
+    `None`, with what stops it where that is worth a merge's skip reason."""
     while consumers[id(tensor)] == 1:
         operation: Any = tensor._keras_history[0]
         node_index: int = tensor._keras_history[1]
         if calls[id(operation)] != 1:
-            return None
+            return None, None
         if isinstance(operation, layers.MultiHeadAttention):
             operation = operation._output_dense  # its output is the output projection's (`MultiHeadAttention.call`)
-            target = by_layer.get(id(operation))
-            return target if target is not None and _activation_scales(target) else None
         if id(operation) in by_layer:
-            target = by_layer[id(operation)]
-            return target if _activation_scales(target) else None
+            return _scaling_target(by_layer[id(operation)])
         if not _scales_with_input(operation):
-            return None
+            return None, None
         node = operation._inbound_nodes[node_index]
         if len(node.input_tensors) != 1:
-            return None
+            return None, None
         tensor = node.input_tensors[0]
-    return None
+    return None, None
 
 
-def _activation_scales(target: Target) -> bool:
-    return getattr(target.layer, "activation", None) in (None, *SCALING_ACTIVATIONS)
+def _scaling_target(target: Target) -> tuple[Target | None, str | None]:
+    """`target` where its output scales with its kernel and bias: Keras's own `call` (`Target.is_linear_in_kernel`)
+    and an activation in `SCALING_ACTIVATIONS`; else `None` and why."""
+    name = target.layer.name
+    if not target.is_linear_in_kernel:
+        return None, f"layer '{name}' has a `call` of its own, whose output need not scale with its kernel"
+    if getattr(target.layer, "activation", None) not in (None, *SCALING_ACTIVATIONS):
+        return None, None
+    return target, None
 
 
 def _graphs(model: keras.layers.Layer) -> Iterator[Any]:

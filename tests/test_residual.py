@@ -60,6 +60,31 @@ def nested_blocks():
     return keras.Model(inputs, shared(shared(inner(inputs))))
 
 
+class WeightNormalizedDense(layers.Dense):
+    """A `call` of its own: the kernel's columns at unit norm, so that its output does not scale with its kernel."""
+
+    def call(self, x):
+        norm = keras.ops.sqrt(keras.ops.sum(keras.ops.square(self.kernel), axis=0, keepdims=True))
+        return self.activation(keras.ops.matmul(x, self.kernel / norm) + self.bias)
+
+
+class ShiftedDense(layers.Dense):
+    """A `call` of its own that adds a constant after Keras's: scaling the kernel and bias does not scale it."""
+
+    def call(self, x):
+        return super().call(x) + 1.0
+
+
+def own_call_branches():
+    """An identity stream whose branches end at layers with a `call` of their own (a branch scale near 0 would be
+    0/0 in the weight-normalized one)."""
+    inputs = keras.Input((16,))
+    x = layers.Dense(16)(inputs)
+    for kind in (WeightNormalizedDense, ShiftedDense, WeightNormalizedDense):
+        x = x + kind(16)(layers.Dense(32, activation="relu")(x))
+    return keras.Model(inputs, layers.Dense(3)(x))
+
+
 MODELS = {
     "post_activation": resnet,
     "pre_activation": lambda: resnet(post_activation=False),
@@ -254,3 +279,13 @@ def test_a_merge_in_two_graphs_has_one_record_and_is_solved():
     records = [m for m in report.merges if m.operation is model.first]
     assert len(records) == 1 and not records[0].skipped and records[0].converged, str(report)
     assert len({id(m.operation) for m in report.merges}) == len(report.merges)
+
+
+def test_a_branch_ending_at_a_layer_with_its_own_call_is_no_branch():
+    model = own_call_branches()
+    x = zoo.batch_for(model)
+    report = zoo.initialize_and_check(model, x, residual="stream")  # merges, and the layers after, re-measured
+    assert len(report.merges) == 3
+    for merge in report.merges:
+        assert merge.skipped and "has a `call` of its own" in merge.reason, merge
+    assert np.isfinite(keras.ops.convert_to_numpy(model(x))).all()

@@ -39,16 +39,16 @@ from keras_lsuv.targets import Target
 
 STREAM = "stream"
 RESIDUAL_MODES = (STREAM,)
-# Layers `f` with `f(s·x) = s·f(x)` for every `s >= 0` in inference mode, through which a branch's scale passes
-# unchanged. `BatchNormalization` only where it adds no offset (`_scales_with_input`), as a fresh one does.
+# Layers `f` with `f(s·x) = s·f(x)` for every `s >= 0`, through which a branch's scale passes unchanged, in inference
+# mode and in training (a dropout's mask multiplies its input). Not `BatchNormalization`: in training (`fit`) it
+# divides by the batch's own deviation, which undoes any scale of its input; nor `GaussianNoise` and `AlphaDropout`,
+# which add to their input in training.
 SCALING_LAYERS: tuple[type[keras.layers.Layer], ...] = (
     layers.Dropout,
     layers.SpatialDropout1D,
     layers.SpatialDropout2D,
     layers.SpatialDropout3D,
     layers.GaussianDropout,
-    layers.GaussianNoise,
-    layers.AlphaDropout,
     layers.Identity,
     layers.Reshape,
     layers.Flatten,
@@ -79,7 +79,6 @@ SCALING_LAYERS: tuple[type[keras.layers.Layer], ...] = (
     layers.PReLU,
     layers.Activation,
     layers.ReLU,
-    layers.BatchNormalization,
 )
 # Activations `a` with `a(s·z) = s·a(z)` for `s >= 0`: a target (or `Activation` layer) with one of these scales with
 # its kernel.
@@ -305,11 +304,6 @@ def _scales_with_input(layer: Any) -> bool:
         return layer.activation in SCALING_ACTIVATIONS
     if isinstance(layer, layers.ReLU):
         return layer.max_value is None and float(layer.threshold) == 0.0
-    if isinstance(layer, layers.BatchNormalization):
-        # Inference mode: gamma·(x - mean)/sqrt(var + eps) + beta scales with x where beta = gamma·mean/sqrt(var+eps).
-        values = {w.path.rsplit("/", 1)[-1]: np.asarray(ops.convert_to_numpy(w), "float64") for w in layer.weights}
-        gamma, deviation = values.get("gamma", 1.0), np.sqrt(values["moving_variance"] + layer.epsilon)
-        return bool(np.all(values.get("beta", 0.0) - gamma * values["moving_mean"] / deviation == 0))
     return isinstance(layer, SCALING_LAYERS)
 
 
@@ -327,6 +321,11 @@ def _branch_end(
             operation = operation._output_dense  # its output is the output projection's (`MultiHeadAttention.call`)
         if id(operation) in by_layer:
             return _scaling_target(by_layer[id(operation)])
+        if isinstance(operation, layers.BatchNormalization):
+            return None, (
+                f"the path of an input passes through BatchNormalization '{operation.name}', which in training (fit) "
+                "divides by the batch's own deviation and so undoes a branch scale"
+            )
         if not _scales_with_input(operation):
             return None, None
         node = operation._inbound_nodes[node_index]

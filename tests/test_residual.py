@@ -27,15 +27,29 @@ def resnet(blocks=4, post_activation=True, width=8):
     return keras.Model(inputs, layers.Dense(10, name="logits")(x))
 
 
-def projection_block():
-    """A block whose shortcut is a conv too (ResNet's first block of a stage): both inputs are branches, each
-    through a fresh BatchNormalization and a Dropout."""
+def projection_block(normalization=False):
+    """A block whose shortcut is a conv too (ResNet's first block of a stage): both inputs are branches, the main
+    one through a Dropout; each through a BatchNormalization too if `normalization` (then neither is a branch)."""
+    normalize = layers.BatchNormalization if normalization else layers.Identity
     inputs = keras.Input((8, 8, 3))
-    shortcut = layers.BatchNormalization()(layers.Conv2D(12, 1, name="shortcut")(inputs))
+    shortcut = normalize()(layers.Conv2D(12, 1, name="shortcut")(inputs))
     h = layers.Conv2D(6, 3, padding="same", activation="relu")(inputs)
-    h = layers.Dropout(0.5)(layers.BatchNormalization()(layers.Conv2D(12, 3, padding="same", name="main")(h)))
+    h = layers.Dropout(0.5)(normalize()(layers.Conv2D(12, 3, padding="same", name="main")(h)))
     x = layers.Activation("relu")(layers.Add()([shortcut, h]))
     return keras.Model(inputs, layers.Dense(4)(layers.Flatten()(x)))
+
+
+def normalized_blocks():
+    """A stem with a BatchNormalization off every branch, a block whose branch ends with one, a block without: in
+    training (fit), each BatchNormalization moves every merge after it."""
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Activation("relu")(layers.BatchNormalization(name="stem_norm")(layers.Conv2D(8, 3)(inputs)))
+    h = layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    h = layers.BatchNormalization(name="branch_norm")(layers.Conv2D(8, 3, padding="same")(h))
+    x = layers.Activation("relu")(layers.Add(name="normalized")([x, h]))
+    h = layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    x = layers.Activation("relu")(layers.Add(name="plain")([x, layers.Conv2D(8, 3, padding="same")(h)]))
+    return keras.Model(inputs, layers.Dense(3)(layers.GlobalAveragePooling2D()(x)))
 
 
 def pre_ln_transformer(blocks=2, width=16, tokens=6):
@@ -289,3 +303,29 @@ def test_a_branch_ending_at_a_layer_with_its_own_call_is_no_branch():
     for merge in report.merges:
         assert merge.skipped and "has a `call` of its own" in merge.reason, merge
     assert np.isfinite(keras.ops.convert_to_numpy(model(x))).all()
+
+
+@pytest.mark.parametrize("build", [normalized_blocks, lambda: projection_block(normalization=True)])
+def test_a_merge_after_a_batch_normalization_is_left_alone_as_training_would_undo_its_scale(build):
+    model = build()
+    x = zoo.batch_for(model)
+    model(x[:2])
+    norms = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    before = [zoo.weights_of(norm) for norm in norms]
+    # the oracle measures every merge reported converged in the forward pass `fit` runs too
+    report = zoo.initialize_and_check(model, x, residual="stream")
+    assert report.merges
+    for merge in report.merges:
+        assert merge.skipped and "BatchNormalization" in merge.reason and "training (fit)" in merge.reason, merge
+    for norm, weights in zip(norms, before, strict=True):
+        for a, b in zip(weights, zoo.weights_of(norm), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_batch_normalization_after_the_merges_leaves_them_solved_and_they_hold_in_training():
+    inputs = keras.Input((8, 8, 3))
+    x = resnet(blocks=2)(inputs)
+    model = keras.Model(inputs, layers.Dense(3)(layers.BatchNormalization()(x)))
+    x = zoo.batch_for(model)
+    report = zoo.initialize_and_check(model, x, residual="stream")  # training-mode merges measured too
+    assert len(report.merges) == 2 and all(m.converged for m in report.merges), str(report)

@@ -18,7 +18,8 @@ skipped with that reason; so is one called inside torch's `vmap` (`keras.ops.vec
 With `residual="stream"`, each merge of a residual stream (`residual.Merge`) is intercepted too: at its first call
 in a pass that has not halted, the last target of each of its branches is scaled so that the merge's output has the
 target variance (`residual.solve`), and the pass goes on with that output. Like a layer's rescale, this is
-tentative: a merge reached after the point where its pass halts is undone, and solved again in the next pass.
+tentative: a merge reached after the point where its pass halts is undone, and solved again in the next pass. A merge
+the pass reaches after a `BatchNormalization` is left as it is: in training, batch statistics would undo its scale.
 
 All the engine knows of a target is its `LayerState` (a `Status`, its calls in this pass, its kernel as step 1 left
 it, its record), and of a merge its `MergeState`; a `Pass` holds the layers rescaled and the merges reached in one
@@ -179,12 +180,15 @@ class Pass:
         cause: The layer that made it halt.
         merges: The merges the pass reached, each with the length of `tentative` then: one reached at `k` holds
             when the pass halted at `halt_at >= k` (all its branches were rescaled before the cause's first call).
+        normalization: The first `BatchNormalization` the pass called, with `residual="stream"`: a merge reached
+            after it is left as it is (`_intercept_merge`).
     """
 
     tentative: list[LayerState] = dataclasses.field(default_factory=list)
     halt_at: int | None = None
     cause: LayerState | None = None
     merges: list[tuple[int, MergeState]] = dataclasses.field(default_factory=list)
+    normalization: keras.layers.Layer | None = None
 
     def halt(self, state: LayerState) -> None:
         """Marks that nothing this pass does from `state` on may become final.
@@ -219,6 +223,12 @@ class _SinglePass:
         self.states = [LayerState(t, Status.SKIPPED if t.skip_reason else Status.PENDING) for t in targets]
         self.merge_records = {} if merges is None else merges
         self.merges = [MergeState(merge) for merge in self.merge_records if not merge.skip_reason]
+        # With merges to solve, the pass notes the first BatchNormalization it calls (`Pass.normalization`).
+        self.normalizations = (
+            [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+            if self.merges
+            else []
+        )
         self.state_of = {state.target: state for state in self.states}
         # In the order the passes first reached them: a dict as an ordered set, checked at every intercepted call.
         self.reached: dict[LayerState, None] = {}
@@ -286,6 +296,12 @@ class _SinglePass:
             if is_traced((args, kwargs)):
                 state.record = state.merge.skipped_record(TRACED_REASON)
                 return original_call(*args, **kwargs)
+            if this_pass.normalization is not None:
+                state.record = state.merge.skipped_record(
+                    f"BatchNormalization '{this_pass.normalization.name}' runs before it: in training (fit) it "
+                    "normalizes by the batch's own statistics, so a branch scale solved in inference would not hold"
+                )
+                return original_call(*args, **kwargs)
             return self._solve_merge(state, this_pass, original_call, args, kwargs)
 
         return call
@@ -349,9 +365,16 @@ class _SinglePass:
         def make_call(layer: Any, call: Callable[..., Any]) -> Callable[..., Any]:
             if layer in by_merge:
                 return self._intercept_merge(by_merge[layer], this_pass, call)
-            return self._intercept(by_layer[layer], this_pass, call)
+            if layer in by_layer:
+                return self._intercept(by_layer[layer], this_pass, call)
 
-        self._forward(list(by_layer) + list(by_merge), make_call)
+            def normalization_call(*args: Any, **kwargs: Any) -> Any:
+                this_pass.normalization = this_pass.normalization or layer
+                return call(*args, **kwargs)
+
+            return normalization_call
+
+        self._forward(list(by_layer) + list(by_merge) + self.normalizations, make_call)
         self._read_back(this_pass)  # after it, every record of the pass is complete
         end = len(this_pass.tentative) if this_pass.halt_at is None else this_pass.halt_at
         self._end_merges(this_pass, end)

@@ -329,3 +329,26 @@ def test_a_batch_normalization_after_the_merges_leaves_them_solved_and_they_hold
     x = zoo.batch_for(model)
     report = zoo.initialize_and_check(model, x, residual="stream")  # training-mode merges measured too
     assert len(report.merges) == 2 and all(m.converged for m in report.merges), str(report)
+
+
+def test_a_run_that_solves_no_merge_says_so_in_one_warning():
+    model = zoo.SharedAlongTheChain()  # `h + ...` inside a subclassed model's call: no graph node
+    x = zoo.batch_for(model)
+    with pytest.warns(UserWarning, match=r"found no addition .* subclassed layer's or model's `call`"):
+        zoo.run(model, x, residual="stream")
+
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(6, 3, padding="same", activation="relu")(inputs)
+    h = layers.Conv2D(6, 3, padding="same", activation="tanh")(x)  # tanh does not scale with its input
+    model = keras.Model(inputs, layers.Add()([x, h]))
+    warned = []
+    zoo.initialize_and_check(model, zoo.batch_for(model), warned=warned, residual="stream")
+    (warning,) = [w for w in warned if "no merge" in str(w.message)]
+    assert "saw 1 addition in" in str(warning.message) and "no input is a branch" in str(warning.message)
+
+
+def test_no_such_warning_where_a_merge_is_solved():
+    warned = []
+    model = resnet(blocks=2)
+    zoo.initialize_and_check(model, zoo.batch_for(model), warned=warned, residual="stream")
+    assert not [w for w in warned if "residual='stream'" in str(w.message)], [str(w.message) for w in warned]

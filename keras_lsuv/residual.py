@@ -293,6 +293,7 @@ def branch_record(record: LayerRecord, merge: MergeRecord) -> LayerRecord:
         final_variance=None if record.final_variance is None else record.final_variance * scale * scale,
         final_mean=None if record.final_mean is None else record.final_mean * scale,
         converged=merge.converged,
+        merge=merge.name,
         reason=f"scaled by {scale:.3g} with its residual branch at merge '{merge.name}'"
         + ("" if merge.converged else f", which did not converge: {merge.reason}"),
     )

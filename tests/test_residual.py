@@ -352,3 +352,15 @@ def test_no_such_warning_where_a_merge_is_solved():
     model = resnet(blocks=2)
     zoo.initialize_and_check(model, zoo.batch_for(model), warned=warned, residual="stream")
     assert not [w for w in warned if "residual='stream'" in str(w.message)], [str(w.message) for w in warned]
+
+
+def test_a_branch_layer_record_names_its_merge_in_a_field():
+    model = resnet(blocks=3, post_activation=False)  # later branches are scaled far below the target
+    x = zoo.batch_for(model)
+    report = zoo.initialize_and_check(model, x, residual="stream")  # every record names a merge iff it ends a branch
+    for merge in report.merges:
+        (layer,) = merge.branch_layers
+        assert report[layer].merge == merge.name and report[layer].to_dict()["merge"] == merge.name
+    assert report.records[0].merge is None and report.records[0].to_dict()["merge"] is None
+    assert min(report[m.branch_layers[0]].final_variance for m in report.merges) < 0.5
+    assert LSUVReport.from_dict(report.to_dict()) == report

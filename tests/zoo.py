@@ -317,6 +317,7 @@ def assert_report_is_true(model, x, report, before, tolerance=0.1, select=None, 
                 assert np.max(np.abs(means)) < mean_tolerance, f"{record.name}: channel means {means}"
         elif not record.skipped:
             assert record.initial_mean is None and record.final_mean is None, f"{record.name}: means without center"
+        assert (record.merge is not None) == (id(record.layer) in branch_ends), f"{record.name}: merge {record.merge}"
         if record.skipped:
             for a, b in zip(before.get(record.layer, []), after.get(record.layer, []), strict=True):
                 np.testing.assert_array_equal(a, b, err_msg=f"{record.name} was not measured but changed")

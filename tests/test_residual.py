@@ -364,3 +364,19 @@ def test_a_branch_layer_record_names_its_merge_in_a_field():
     assert report.records[0].merge is None and report.records[0].to_dict()["merge"] is None
     assert min(report[m.branch_layers[0]].final_variance for m in report.merges) < 0.5
     assert LSUVReport.from_dict(report.to_dict()) == report
+
+
+def test_merges_are_listed_in_the_order_the_pass_reaches_them():
+    inputs = keras.Input((8, 8, 3))
+    x = resnet(blocks=2)(inputs)  # the inner merges come first in the pass, after the outer ones in the graph walk
+    h = layers.Dense(10, activation="tanh")(x)
+    model = keras.Model(inputs, layers.Add(name="outer")([x, h]))  # skipped: tanh, no branch
+    x = zoo.batch_for(model)
+    model(x[:2])
+    operations = [op for layer in model._flatten_layers() for op in getattr(layer, "operations", [])]
+    adds = [op for op in operations if type(op).__name__ == "Add"]
+    order = []
+    with zoo.recorded_calls(adds, lambda operation, *_: order.append(operation)):
+        model(x, training=False)
+    report = zoo.initialize_and_check(model, x, residual="stream")
+    assert [m.operation for m in report.merges] == order and order[-1].name == "outer"

@@ -77,7 +77,8 @@ def run_single_pass(
     """Rescales every target in one forward pass of `batch` (more for layers called several times per pass).
 
     With `merges` (`residual="stream"`), each merge's branches are scaled in the same pass, when the pass reaches
-    the merge, and its record is written into `merges`.
+    the merge, and its record is written into `merges`, whose keys are put in the order the passes first reached
+    them, then the merges never reached.
 
     Returns:
         Each target's record: the targets in the order the pass first reached them, then the ones it never reached.
@@ -232,6 +233,7 @@ class _SinglePass:
         self.state_of = {state.target: state for state in self.states}
         # In the order the passes first reached them: a dict as an ordered set, checked at every intercepted call.
         self.reached: dict[LayerState, None] = {}
+        self.merges_reached: dict[Merge, None] = {}  # likewise, for the merges
         read_biases([t for t in targets if not t.skip_reason])
 
     def run(self) -> dict[Target, LayerRecord]:
@@ -247,6 +249,10 @@ class _SinglePass:
             else:
                 traced = state.status is Status.TRACED
                 records[state.target] = state.target.skipped_record(TRACED_REASON if traced else None)
+        unreached = [merge for merge in self.merge_records if merge not in self.merges_reached]
+        ordered = {merge: self.merge_records[merge] for merge in [*self.merges_reached, *unreached]}
+        self.merge_records.clear()
+        self.merge_records.update(ordered)
         return records | {s.target: s.target.skipped_record() for s in self.states if s not in self.reached}
 
     def _intercept(self, state: LayerState, this_pass: Pass, original_call: Callable[..., Any]) -> Callable[..., Any]:
@@ -290,6 +296,7 @@ class _SinglePass:
         are scaled (`_solve_merge`) and it returns its output at that scale; otherwise it runs as it is."""
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            self.merges_reached.setdefault(state.merge)
             if state.final or this_pass.halted or any(m is state for _, m in this_pass.merges):
                 return original_call(*args, **kwargs)
             this_pass.merges.append((len(this_pass.tentative), state))
@@ -358,6 +365,7 @@ class _SinglePass:
         this_pass = Pass()
         by_layer = {state.target.layer: state for state in self.states}
         by_merge = {state.merge.operation: state for state in self.merges if not state.final}
+        skipped = {merge.operation: merge for merge in self.merge_records if merge.skip_reason}
         traced_before = [s for s in self.states if s.status is Status.TRACED]
         for state in self.states:
             state.calls = 0
@@ -368,13 +376,16 @@ class _SinglePass:
             if layer in by_layer:
                 return self._intercept(by_layer[layer], this_pass, call)
 
-            def normalization_call(*args: Any, **kwargs: Any) -> Any:
-                this_pass.normalization = this_pass.normalization or layer
+            def noted_call(*args: Any, **kwargs: Any) -> Any:  # a skipped merge, or a BatchNormalization
+                if layer in skipped:
+                    self.merges_reached.setdefault(skipped[layer])
+                else:
+                    this_pass.normalization = this_pass.normalization or layer
                 return call(*args, **kwargs)
 
-            return normalization_call
+            return noted_call
 
-        self._forward(list(by_layer) + list(by_merge) + self.normalizations, make_call)
+        self._forward(list(by_layer) + list(by_merge) + list(skipped) + self.normalizations, make_call)
         self._read_back(this_pass)  # after it, every record of the pass is complete
         end = len(this_pass.tentative) if this_pass.halt_at is None else this_pass.halt_at
         self._end_merges(this_pass, end)

@@ -33,8 +33,8 @@ import numpy as np
 from keras import layers, ops, tree
 
 from keras_lsuv.report import LayerRecord, MergeRecord
-from keras_lsuv.rescale import Criterion, float32_copy, write_kernel
-from keras_lsuv.statistics import moments
+from keras_lsuv.rescale import Criterion, ScaleLimit, float32_copy, write_kernel
+from keras_lsuv.statistics import moments, variance
 from keras_lsuv.targets import Target
 
 STREAM = "stream"
@@ -211,7 +211,13 @@ def merge_variance(stream: float, branch: float, covariance: float, scale: float
     return stream + 2.0 * scale * covariance + scale * scale * branch
 
 
-def solve(merge: Merge, args: tuple[Any, ...], kwargs: dict[str, Any], criterion: Criterion) -> tuple[MergeRecord, Any]:
+def solve(
+    merge: Merge,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    criterion: Criterion,
+    limit: ScaleLimit | None = None,
+) -> tuple[MergeRecord, Any]:
     """Finds the branch scale of `merge` from one call's inputs (its branches at unit variance).
 
     Args:
@@ -219,10 +225,13 @@ def solve(merge: Merge, args: tuple[Any, ...], kwargs: dict[str, Any], criterion
         args: The positional arguments of its call.
         kwargs: Its keyword arguments.
         criterion: The target variance and tolerance.
+        limit: The largest branch scale the branches' dtypes hold (`branch_limit`); the scale stops there, and the
+            record says so.
 
     Returns:
-        The merge's record and its output at the branch scale (`U + s·S`), or `None` for the output where it is
-        left as it is (the record then says why). The branches themselves are not scaled here (`scale_branch`).
+        The merge's record and its output at the branch scale (`U + s·S`, each branch rounded to its own dtype as
+        the model computes it), or `None` for the output where it is left as it is (the record then says why). The
+        branches themselves are not scaled here (`scale_branch`).
 
     Raises:
         ValueError: If an input of the merge is not finite.
@@ -233,7 +242,8 @@ def solve(merge: Merge, args: tuple[Any, ...], kwargs: dict[str, Any], criterion
         return merge.skipped_record(mismatch), None
     dtype = keras.backend.result_type(*[x.dtype for x in inputs])
     stream = [ops.cast(x, "float32") for x, end in zip(inputs, merge.branches, strict=True) if end is None]
-    branch = _sum([ops.cast(x, "float32") for x, end in zip(inputs, merge.branches, strict=True) if end is not None])
+    branches = [x for x, end in zip(inputs, merge.branches, strict=True) if end is not None]
+    branch = _sum([ops.cast(x, "float32") for x in branches])
     if stream:
         total = _sum(stream)
         shape = ops.shape(ops.add(total, branch))
@@ -254,24 +264,49 @@ def solve(merge: Merge, args: tuple[Any, ...], kwargs: dict[str, Any], criterion
     if branch_variance <= MIN_BRANCH_VARIANCE * goal:
         return merge.skipped_record(f"its branches carry no signal (variance {branch_variance:.3g})"), None
     scale, reachable = branch_scale(stream_variance, branch_variance, covariance, goal)
-    final = merge_variance(stream_variance, branch_variance, covariance, scale)
     reason: str | None = None
-    if not reachable:
+    if limit is not None and scale > limit.scale:
+        reason = (
+            f"reaching the target would need a branch scale of {scale:.3g}, beyond what {limit.dtype} can hold in "
+            f"a branch (at most {limit.scale:.3g})"
+        )
+        scale = limit.scale
+    elif not reachable:
         reason = (
             f"the stream alone has variance {stream_variance:.3g}: no branch scale brings the merge to the target, "
             f"so the branches are scaled by {scale:.3g}, to the merge's least variance"
         )
+    # Each branch at the scale in its own dtype, as the model computes it (float16 rounds, and may overflow).
+    scaled = _sum(
+        [ops.cast(ops.cast(ops.multiply(ops.cast(x, "float32"), scale), x.dtype), "float32") for x in branches]
+    )
+    output = scaled if not stream else ops.add(parts[0], scaled)
+    final = merge_variance(stream_variance, branch_variance, covariance, scale)
+    if _narrow(dtype) or any(_narrow(x.dtype) for x in branches):
+        final = variance(ops.cast(ops.cast(output, dtype), "float32"))  # what the model computes, measured
+        if not math.isfinite(final):
+            reason = f"its output at branch scale {scale:.3g} is not finite in {dtype}"
     record = merge.record(
         stream_variance=stream_variance if stream else None,
         branch_variance=branch_variance,
         initial_variance=merge_variance(stream_variance, branch_variance, covariance, 1.0),
         final_variance=final,
         scale=scale,
-        converged=abs(final - goal) < criterion.tolerance,
+        converged=math.isfinite(final) and abs(final - goal) < criterion.tolerance,
         reason=reason,
     )
-    output = ops.multiply(branch, scale) if not stream else ops.add(parts[0], ops.multiply(branch, scale))
     return record, ops.cast(output, dtype)
+
+
+def branch_limit(target: Target, output_peak: float) -> ScaleLimit:
+    """The largest factor the branch ending at `target` can be scaled by: its kernel and its bias in their dtype and
+    in the layer's compute dtype, its pre-activation (peaking at `output_peak` now, 0 if not measured) in the compute
+    dtype, as `ScaleLimit` bounds a layer's rescale."""
+    kernel = target.scaled_kernel
+    limits = [ScaleLimit.of(kernel, float32_copy(kernel), target.layer, output_peak)]
+    if target.has_bias:
+        limits.append(ScaleLimit.of(target.layer.bias, float32_copy(target.layer.bias), target.layer, 0.0))
+    return min(limits, key=lambda limit: limit.scale)
 
 
 def scale_branch(target: Target, scale: float) -> list[tuple[keras.Variable, Any]]:
@@ -353,6 +388,11 @@ def _graphs(model: keras.layers.Layer) -> Iterator[Any]:
         graph = getattr(layer, "_functional", None) or layer
         if isinstance(graph, keras.Model) and getattr(graph, "_nodes_by_depth", None):
             yield graph
+
+
+def _narrow(dtype: Any) -> bool:
+    """Whether `dtype` is a float narrower than float32 (float16, bfloat16)."""
+    return keras.backend.standardize_dtype(dtype) in ("float16", "bfloat16")
 
 
 def _sum(tensors: list[Any]) -> Any:

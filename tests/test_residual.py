@@ -380,3 +380,28 @@ def test_merges_are_listed_in_the_order_the_pass_reaches_them():
         model(x, training=False)
     report = zoo.initialize_and_check(model, x, residual="stream")
     assert [m.operation for m in report.merges] == order and order[-1].name == "outer"
+
+
+@pytest.fixture
+def mixed_float16():
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    yield
+    keras.config.set_dtype_policy(policy)
+
+
+def test_a_branch_scale_float16_cannot_hold_is_bounded_and_reported(mixed_float16):
+    inputs = keras.Input((16,))
+    x = layers.Dense(16, activation="relu")(inputs)  # the stream: variance about 0.34
+    # a branch of variance 1e-8 (leaky relu of a pre-activation near -10) needs a scale of about 8000, which its
+    # bias (-80000) and pre-activation cannot hold in float16
+    h = layers.Dense(16, bias_initializer=keras.initializers.Constant(-10.0), name="branch")(x)
+    h = layers.LeakyReLU(negative_slope=1e-4)(h)
+    model = keras.Model(inputs, layers.Dense(3)(layers.Add()([x, h])))
+    x = zoo.batch_for(model)
+    warned = []
+    report = zoo.initialize_and_check(model, x, warned=warned, residual="stream")  # weights finite, merge measured
+    (merge,) = report.merges
+    assert not merge.skipped and not merge.converged and "float16" in merge.reason, merge
+    assert any(f"merge '{merge.name}'" in str(w.message) and "float16" in str(w.message) for w in warned)
+    assert np.isfinite(keras.ops.convert_to_numpy(model(x))).all()

@@ -56,7 +56,7 @@ from keras_lsuv.rescale import (
     write_bias,
     write_kernel,
 )
-from keras_lsuv.residual import Merge, branch_record, scale_branch, solve
+from keras_lsuv.residual import Merge, branch_limit, branch_record, scale_branch, solve
 from keras_lsuv.statistics import Moments, fetch, moments, on_accelerator, variance, variance_on_device
 from keras_lsuv.targets import Target, read_biases, without_activation
 
@@ -128,6 +128,8 @@ class LayerState:
         on_device: For a layer rescaled on the device, its variance, scale and stop code, not read back yet.
         merged: Whether a merge scaled it with its residual branch (`residual="stream"`): its variance is then the
             merge's to set, not the target's.
+        peak: Its largest |pre-activation| at its scale, where its compute dtype is float16 (else 0): a merge's
+            branch scale must keep it within that dtype (`residual.branch_limit`).
     """
 
     target: Target
@@ -138,6 +140,7 @@ class LayerState:
     record: LayerRecord | None = None
     on_device: tuple[Any, Any, Any] | None = dataclasses.field(default=None, repr=False)
     merged: bool = False
+    peak: float = 0.0
 
     @property
     def open(self) -> bool:
@@ -335,8 +338,9 @@ class _SinglePass:
                 f"its branch ends at layer '{name}', which is called several times per pass or was not measured"
             )
             return original_call(*args, **kwargs)
+        limit = min((branch_limit(b.target, b.peak) for b in branches), key=lambda limit: limit.scale)
         with _as_lsuv_error():
-            record, output = solve(state.merge, args, kwargs, self.criterion)
+            record, output = solve(state.merge, args, kwargs, self.criterion, limit)
         state.record = record
         if output is None:
             return original_call(*args, **kwargs)
@@ -696,6 +700,7 @@ class _SinglePass:
 
             with _as_lsuv_error():
                 record = find_centered_scale(target, measure_at, self.criterion, limit)
+            state.peak = _output_peak(layer, latest["preactivation"])
             return record, _output(target, original_call, args, kwargs, latest["preactivation"], activation)
 
         def variance_at(scale: float) -> float:
@@ -708,6 +713,7 @@ class _SinglePass:
 
         with _as_lsuv_error():
             record = find_scale(target, variance_at, self.criterion, limit)
+        state.peak = _output_peak(layer, latest["preactivation"])
         return record, _output(target, original_call, args, kwargs, latest["preactivation"], activation)
 
     def _rescale_by_passes(self, state: LayerState) -> LayerRecord:

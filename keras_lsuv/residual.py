@@ -33,7 +33,7 @@ import numpy as np
 from keras import layers, ops, tree
 
 from keras_lsuv.report import LayerRecord, MergeRecord
-from keras_lsuv.rescale import Criterion, ScaleLimit, float32_copy, write_kernel
+from keras_lsuv.rescale import Criterion, ScaleLimit, float32_copy, variable_dtype, write_kernel
 from keras_lsuv.statistics import moments, variance
 from keras_lsuv.targets import Target
 
@@ -301,11 +301,14 @@ def solve(
 def branch_limit(target: Target, output_peak: float) -> ScaleLimit:
     """The largest factor the branch ending at `target` can be scaled by: its kernel and its bias in their dtype and
     in the layer's compute dtype, its pre-activation (peaking at `output_peak` now, 0 if not measured) in the compute
-    dtype, as `ScaleLimit` bounds a layer's rescale."""
-    kernel = target.scaled_kernel
-    limits = [ScaleLimit.of(kernel, float32_copy(kernel), target.layer, output_peak)]
-    if target.has_bias:
-        limits.append(ScaleLimit.of(target.layer.bias, float32_copy(target.layer.bias), target.layer, 0.0))
+    dtype, as `ScaleLimit` bounds a layer's rescale. Unbounded where every dtype is float32 or wider (no realistic
+    scale overflows there, and a non-finite output stops the run with every weight restored)."""
+    layer = target.layer
+    variables = [target.scaled_kernel] + ([layer.bias] if target.has_bias else [])
+    if not any(_narrow(dtype) for dtype in [layer.compute_dtype, *map(variable_dtype, variables)]):
+        return ScaleLimit()
+    peaks = [output_peak] + [0.0] * (len(variables) - 1)  # the pre-activation's peak bounds the kernel's scale
+    limits = [ScaleLimit.of(v, float32_copy(v), layer, peak) for v, peak in zip(variables, peaks, strict=True)]
     return min(limits, key=lambda limit: limit.scale)
 
 

@@ -128,8 +128,8 @@ class LayerState:
         on_device: For a layer rescaled on the device, its variance, scale and stop code, not read back yet.
         merged: Whether a merge scaled it with its residual branch (`residual="stream"`): its variance is then the
             merge's to set, not the target's.
-        peak: Its largest |pre-activation| at its scale, where its compute dtype is float16 (else 0): a merge's
-            branch scale must keep it within that dtype (`residual.branch_limit`).
+        peak: Its largest |pre-activation| at its scale, where its compute dtype is float16 and there are merges
+            to solve (else 0): a merge's branch scale must keep it within that dtype (`residual.branch_limit`).
     """
 
     target: Target
@@ -700,7 +700,7 @@ class _SinglePass:
 
             with _as_lsuv_error():
                 record = find_centered_scale(target, measure_at, self.criterion, limit)
-            state.peak = _output_peak(layer, latest["preactivation"])
+            state.peak = _output_peak(layer, latest["preactivation"]) if self.merges else 0.0
             return record, _output(target, original_call, args, kwargs, latest["preactivation"], activation)
 
         def variance_at(scale: float) -> float:
@@ -713,7 +713,7 @@ class _SinglePass:
 
         with _as_lsuv_error():
             record = find_scale(target, variance_at, self.criterion, limit)
-        state.peak = _output_peak(layer, latest["preactivation"])
+        state.peak = _output_peak(layer, latest["preactivation"]) if self.merges else 0.0
         return record, _output(target, original_call, args, kwargs, latest["preactivation"], activation)
 
     def _rescale_by_passes(self, state: LayerState) -> LayerRecord:

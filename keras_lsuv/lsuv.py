@@ -153,6 +153,8 @@ def run_lsuv(model: keras.Model, x: Any, options: LSUVOptions) -> LSUVReport:
             UserWarning,
             stacklevel=_CALLER,
         )
+    if options.residual and all(merge.skipped for merge in report.merges):
+        warnings.warn(_no_merge_solved(report.merges), UserWarning, stacklevel=_CALLER)
     for merge in report.merges:
         if not merge.skipped and not merge.converged:
             warnings.warn(
@@ -189,6 +191,19 @@ def report_for(options: LSUVOptions, skipped_reason: str | None = None) -> LSUVR
         center=options.center,
         skipped_reason=skipped_reason,
         residual=options.residual,
+    )
+
+
+def _no_merge_solved(merges: list[MergeRecord]) -> str:
+    """The warning of a `residual="stream"` run that solved no merge: how many additions it saw, and what it cannot
+    see."""
+    unseen = "additions inside a subclassed layer's or model's `call` are no graph nodes, so they are not seen"
+    if not merges:
+        return f"LSUV: residual='stream' found no addition in the model's Functional graphs ({unseen})."
+    count = f"{len(merges)} addition{'s' if len(merges) > 1 else ''}"
+    return (
+        f"LSUV: residual='stream' solved no merge: it saw {count} in the model's Functional graphs and could solve "
+        f"none (report.merges says why, e.g. '{merges[0].name}': {merges[0].reason}); {unseen}."
     )
 
 

@@ -39,6 +39,11 @@ class LayerRecord:
             variance); `None` otherwise or if skipped.
         final_mean: With `center=True`, its mean after LSUV, measured on the
             output the layer gives at its new weights.
+        merge: With `residual="stream"`, the name of the merge that scaled this
+            layer with its residual branch, else `None`. Its final variance
+            is then the one the merge gave it (e.g. 0.3, or 0.0 for a branch
+            scaled to 0), not `target_variance`, and `converged` says whether
+            the merge converged.
         layer: The layer itself, which identifies it where names do not (Keras
             allows equal names in nested and subclassed models). Not part of
             `to_dict()`, nor of equality; `None` in a report rebuilt by
@@ -55,6 +60,7 @@ class LayerRecord:
     reason: str | None = None
     initial_mean: float | None = None
     final_mean: float | None = None
+    merge: str | None = None
     layer: keras.layers.Layer | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property

@@ -12,9 +12,11 @@ the stream may still reach it at a small scale; otherwise no `s > 0` does, and t
 variance the merge can have, 0 for a branch uncorrelated with the stream, the way Fixup and SkipInit start residual
 branches.
 
-An input of a merge is a branch when it is the output of a target through layers that scale with their input
+An input of a merge is a branch when it is the output of a target with Keras's own `call` (`Target.
+is_linear_in_kernel`: a `call` of its own need not scale with its kernel) through layers that scale with their input
 (`f(s·x) = s·f(x)`, `SCALING_LAYERS`), each output on that path used by the next layer only. The target's kernel and
-bias are both multiplied by `s`, so its pre-activation becomes exactly `s` times what it was and so does the branch.
+bias are both multiplied by `s`, so its pre-activation becomes exactly `s` times what it was and so does the branch:
+the merge's output at the scale, `U + s·S`, is the one the model computes, and the pass goes on with it.
 `MultiHeadAttention` ends with its output projection, so an attention branch ends at that `EinsumDense`.
 """
 
@@ -31,22 +33,22 @@ import numpy as np
 from keras import layers, ops, tree
 
 from keras_lsuv.report import LayerRecord, MergeRecord
-from keras_lsuv.rescale import Criterion, float32_copy, write_kernel
-from keras_lsuv.statistics import moments
+from keras_lsuv.rescale import Criterion, ScaleLimit, float32_copy, variable_dtype, write_kernel
+from keras_lsuv.statistics import moments, variance
 from keras_lsuv.targets import Target
 
 STREAM = "stream"
 RESIDUAL_MODES = (STREAM,)
-# Layers `f` with `f(s·x) = s·f(x)` for every `s >= 0` in inference mode, through which a branch's scale passes
-# unchanged. `BatchNormalization` only where it adds no offset (`_scales_with_input`), as a fresh one does.
+# Layers `f` with `f(s·x) = s·f(x)` for every `s >= 0`, through which a branch's scale passes unchanged, in inference
+# mode and in training (a dropout's mask multiplies its input). Not `BatchNormalization`: in training (`fit`) it
+# divides by the batch's own deviation, which undoes any scale of its input; nor `GaussianNoise` and `AlphaDropout`,
+# which add to their input in training.
 SCALING_LAYERS: tuple[type[keras.layers.Layer], ...] = (
     layers.Dropout,
     layers.SpatialDropout1D,
     layers.SpatialDropout2D,
     layers.SpatialDropout3D,
     layers.GaussianDropout,
-    layers.GaussianNoise,
-    layers.AlphaDropout,
     layers.Identity,
     layers.Reshape,
     layers.Flatten,
@@ -77,7 +79,6 @@ SCALING_LAYERS: tuple[type[keras.layers.Layer], ...] = (
     layers.PReLU,
     layers.Activation,
     layers.ReLU,
-    layers.BatchNormalization,
 )
 # Activations `a` with `a(s·z) = s·a(z)` for `s >= 0`: a target (or `Activation` layer) with one of these scales with
 # its kernel.
@@ -134,7 +135,12 @@ class Merge:
 
 
 def find_merges(model: keras.Model, targets: list[Target]) -> list[Merge]:
-    """Every addition node of the Functional graphs in `model` (itself and nested ones), with its branches.
+    """Every addition node of the Functional graphs in `model` (itself and nested ones), with its branches, once.
+
+    A node belongs to several graphs where a Functional model is built from another one's tensors (keras-hub's
+    `DeepLabV3Backbone` builds its feature pyramid from its encoder's): each operation is one merge, as each layer is
+    one target, and a tensor's consumers are counted over every graph, so that a branch is used by nothing else in
+    any of them.
 
     Args:
         model: The model, built.
@@ -145,26 +151,32 @@ def find_merges(model: keras.Model, targets: list[Target]) -> list[Merge]:
         solvable at one call and carries a `skip_reason`; so does one with no input that is a branch.
     """
     by_layer = {id(t.layer): t for t in targets if not t.skip_reason}
-    merges = []
+    nodes: dict[int, Any] = {}  # every node of every graph, once, by id
+    outputs = []
     for graph in _graphs(model):
-        nodes = [node for depth in sorted(graph._nodes_by_depth, reverse=True) for node in graph._nodes_by_depth[depth]]
-        consumers = Counter(id(tensor) for node in nodes for tensor in node.input_tensors)
-        consumers.update(id(tensor) for tensor in tree.flatten(graph.outputs))
-        calls = Counter(id(node.operation) for node in nodes)
-        for node in nodes:
-            if not _is_add(node.operation) or len(node.input_tensors) < 2:
-                continue
-            branches = [_branch_end(tensor, by_layer, consumers, calls) for tensor in node.input_tensors]
-            merge = Merge(node.operation, branches)
-            if calls[id(node.operation)] > 1 or len(getattr(node.operation, "_inbound_nodes", ())) > 1:
-                merge.skip_reason = "called several times: a branch scale is solved at one call"
-            elif not merge.branch_targets:
-                merge.skip_reason = (
-                    "no input is a branch: none is the output of a target through layers that scale with it "
-                    "(e.g. Dropout, pooling, relu, a fresh BatchNormalization), used only on the way to this merge"
-                )
-            merges.append(merge)
-    return merges
+        for depth in sorted(graph._nodes_by_depth, reverse=True):
+            nodes.update((id(node), node) for node in graph._nodes_by_depth[depth])
+        outputs += tree.flatten(graph.outputs)
+    consumers = Counter(id(tensor) for node in nodes.values() for tensor in node.input_tensors)
+    consumers.update(id(tensor) for tensor in outputs)
+    calls = Counter(id(node.operation) for node in nodes.values())
+    merges: dict[int, Merge] = {}
+    for node in nodes.values():
+        if not _is_add(node.operation) or len(node.input_tensors) < 2 or id(node.operation) in merges:
+            continue
+        ends = [_branch_end(tensor, by_layer, consumers, calls) for tensor in node.input_tensors]
+        merge = merges[id(node.operation)] = Merge(node.operation, [target for target, _ in ends])
+        if calls[id(node.operation)] > 1 or len(getattr(node.operation, "_inbound_nodes", ())) > 1:
+            merge.skip_reason = "called several times: a branch scale is solved at one call"
+        elif not merge.branch_targets:
+            obstacles = [obstacle for _, obstacle in ends if obstacle]
+            merge.skip_reason = "no input is a branch: " + (
+                "; ".join(obstacles)
+                if obstacles
+                else "none is the output of a target through layers that scale with it (e.g. Dropout, pooling, "
+                "relu), used only on the way to this merge"
+            )
+    return list(merges.values())
 
 
 def branch_scale(stream: float, branch: float, covariance: float, goal: float) -> tuple[float, bool]:
@@ -199,7 +211,13 @@ def merge_variance(stream: float, branch: float, covariance: float, scale: float
     return stream + 2.0 * scale * covariance + scale * scale * branch
 
 
-def solve(merge: Merge, args: tuple[Any, ...], kwargs: dict[str, Any], criterion: Criterion) -> tuple[MergeRecord, Any]:
+def solve(
+    merge: Merge,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    criterion: Criterion,
+    limit: ScaleLimit | None = None,
+) -> tuple[MergeRecord, Any]:
     """Finds the branch scale of `merge` from one call's inputs (its branches at unit variance).
 
     Args:
@@ -207,10 +225,13 @@ def solve(merge: Merge, args: tuple[Any, ...], kwargs: dict[str, Any], criterion
         args: The positional arguments of its call.
         kwargs: Its keyword arguments.
         criterion: The target variance and tolerance.
+        limit: The largest branch scale the branches' dtypes hold (`branch_limit`); the scale stops there, and the
+            record says so.
 
     Returns:
-        The merge's record and its output at the branch scale (`U + s·S`), or `None` for the output where it is
-        left as it is (the record then says why). The branches themselves are not scaled here (`scale_branch`).
+        The merge's record and its output at the branch scale (`U + s·S`, each branch rounded to its own dtype as
+        the model computes it), or `None` for the output where it is left as it is (the record then says why). The
+        branches themselves are not scaled here (`scale_branch`).
 
     Raises:
         ValueError: If an input of the merge is not finite.
@@ -221,7 +242,8 @@ def solve(merge: Merge, args: tuple[Any, ...], kwargs: dict[str, Any], criterion
         return merge.skipped_record(mismatch), None
     dtype = keras.backend.result_type(*[x.dtype for x in inputs])
     stream = [ops.cast(x, "float32") for x, end in zip(inputs, merge.branches, strict=True) if end is None]
-    branch = _sum([ops.cast(x, "float32") for x, end in zip(inputs, merge.branches, strict=True) if end is not None])
+    branches = [x for x, end in zip(inputs, merge.branches, strict=True) if end is not None]
+    branch = _sum([ops.cast(x, "float32") for x in branches])
     if stream:
         total = _sum(stream)
         shape = ops.shape(ops.add(total, branch))
@@ -242,24 +264,52 @@ def solve(merge: Merge, args: tuple[Any, ...], kwargs: dict[str, Any], criterion
     if branch_variance <= MIN_BRANCH_VARIANCE * goal:
         return merge.skipped_record(f"its branches carry no signal (variance {branch_variance:.3g})"), None
     scale, reachable = branch_scale(stream_variance, branch_variance, covariance, goal)
-    final = merge_variance(stream_variance, branch_variance, covariance, scale)
     reason: str | None = None
-    if not reachable:
+    if limit is not None and scale > limit.scale:
+        reason = (
+            f"reaching the target would need a branch scale of {scale:.3g}, beyond what {limit.dtype} can hold in "
+            f"a branch (at most {limit.scale:.3g})"
+        )
+        scale = limit.scale
+    elif not reachable:
         reason = (
             f"the stream alone has variance {stream_variance:.3g}: no branch scale brings the merge to the target, "
             f"so the branches are scaled by {scale:.3g}, to the merge's least variance"
         )
+    # Each branch at the scale in its own dtype, as the model computes it (float16 rounds, and may overflow).
+    scaled = _sum(
+        [ops.cast(ops.cast(ops.multiply(ops.cast(x, "float32"), scale), x.dtype), "float32") for x in branches]
+    )
+    output = scaled if not stream else ops.add(parts[0], scaled)
+    final = merge_variance(stream_variance, branch_variance, covariance, scale)
+    if _narrow(dtype) or any(_narrow(x.dtype) for x in branches):
+        final = variance(ops.cast(ops.cast(output, dtype), "float32"))  # what the model computes, measured
+        if not math.isfinite(final):
+            reason = f"its output at branch scale {scale:.3g} is not finite in {dtype}"
     record = merge.record(
         stream_variance=stream_variance if stream else None,
         branch_variance=branch_variance,
         initial_variance=merge_variance(stream_variance, branch_variance, covariance, 1.0),
         final_variance=final,
         scale=scale,
-        converged=abs(final - goal) < criterion.tolerance,
+        converged=math.isfinite(final) and abs(final - goal) < criterion.tolerance,
         reason=reason,
     )
-    output = ops.multiply(branch, scale) if not stream else ops.add(parts[0], ops.multiply(branch, scale))
     return record, ops.cast(output, dtype)
+
+
+def branch_limit(target: Target, output_peak: float) -> ScaleLimit:
+    """The largest factor the branch ending at `target` can be scaled by: its kernel and its bias in their dtype and
+    in the layer's compute dtype, its pre-activation (peaking at `output_peak` now, 0 if not measured) in the compute
+    dtype, as `ScaleLimit` bounds a layer's rescale. Unbounded where every dtype is float32 or wider (no realistic
+    scale overflows there, and a non-finite output stops the run with every weight restored)."""
+    layer = target.layer
+    variables = [target.scaled_kernel] + ([layer.bias] if target.has_bias else [])
+    if not any(_narrow(dtype) for dtype in [layer.compute_dtype, *map(variable_dtype, variables)]):
+        return ScaleLimit()
+    peaks = [output_peak] + [0.0] * (len(variables) - 1)  # the pre-activation's peak bounds the kernel's scale
+    limits = [ScaleLimit.of(v, float32_copy(v), layer, peak) for v, peak in zip(variables, peaks, strict=True)]
+    return min(limits, key=lambda limit: limit.scale)
 
 
 def scale_branch(target: Target, scale: float) -> list[tuple[keras.Variable, Any]]:
@@ -281,6 +331,7 @@ def branch_record(record: LayerRecord, merge: MergeRecord) -> LayerRecord:
         final_variance=None if record.final_variance is None else record.final_variance * scale * scale,
         final_mean=None if record.final_mean is None else record.final_mean * scale,
         converged=merge.converged,
+        merge=merge.name,
         reason=f"scaled by {scale:.3g} with its residual branch at merge '{merge.name}'"
         + ("" if merge.converged else f", which did not converge: {merge.reason}"),
     )
@@ -292,42 +343,46 @@ def _scales_with_input(layer: Any) -> bool:
         return layer.activation in SCALING_ACTIVATIONS
     if isinstance(layer, layers.ReLU):
         return layer.max_value is None and float(layer.threshold) == 0.0
-    if isinstance(layer, layers.BatchNormalization):
-        # Inference mode: gamma·(x - mean)/sqrt(var + eps) + beta scales with x where beta = gamma·mean/sqrt(var+eps).
-        values = {w.path.rsplit("/", 1)[-1]: np.asarray(ops.convert_to_numpy(w), "float64") for w in layer.weights}
-        gamma, deviation = values.get("gamma", 1.0), np.sqrt(values["moving_variance"] + layer.epsilon)
-        return bool(np.all(values.get("beta", 0.0) - gamma * values["moving_mean"] / deviation == 0))
     return isinstance(layer, SCALING_LAYERS)
 
 
 def _branch_end(
     tensor: Any, by_layer: dict[int, Target], consumers: Counter[int], calls: Counter[int]
-) -> Target | None:
+) -> tuple[Target | None, str | None]:
     """The target whose output reaches `tensor` through layers that scale with it, each output used once; else
-    `None`."""
+    `None`, with what stops it where that is worth a merge's skip reason."""
     while consumers[id(tensor)] == 1:
         operation: Any = tensor._keras_history[0]
         node_index: int = tensor._keras_history[1]
         if calls[id(operation)] != 1:
-            return None
+            return None, None
         if isinstance(operation, layers.MultiHeadAttention):
             operation = operation._output_dense  # its output is the output projection's (`MultiHeadAttention.call`)
-            target = by_layer.get(id(operation))
-            return target if target is not None and _activation_scales(target) else None
         if id(operation) in by_layer:
-            target = by_layer[id(operation)]
-            return target if _activation_scales(target) else None
+            return _scaling_target(by_layer[id(operation)])
+        if isinstance(operation, layers.BatchNormalization):
+            return None, (
+                f"the path of an input passes through BatchNormalization '{operation.name}', which in training (fit) "
+                "divides by the batch's own deviation and so undoes a branch scale"
+            )
         if not _scales_with_input(operation):
-            return None
+            return None, None
         node = operation._inbound_nodes[node_index]
         if len(node.input_tensors) != 1:
-            return None
+            return None, None
         tensor = node.input_tensors[0]
-    return None
+    return None, None
 
 
-def _activation_scales(target: Target) -> bool:
-    return getattr(target.layer, "activation", None) in (None, *SCALING_ACTIVATIONS)
+def _scaling_target(target: Target) -> tuple[Target | None, str | None]:
+    """`target` where its output scales with its kernel and bias: Keras's own `call` (`Target.is_linear_in_kernel`)
+    and an activation in `SCALING_ACTIVATIONS`; else `None` and why."""
+    name = target.layer.name
+    if not target.is_linear_in_kernel:
+        return None, f"layer '{name}' has a `call` of its own, whose output need not scale with its kernel"
+    if getattr(target.layer, "activation", None) not in (None, *SCALING_ACTIVATIONS):
+        return None, None
+    return target, None
 
 
 def _graphs(model: keras.layers.Layer) -> Iterator[Any]:
@@ -336,6 +391,11 @@ def _graphs(model: keras.layers.Layer) -> Iterator[Any]:
         graph = getattr(layer, "_functional", None) or layer
         if isinstance(graph, keras.Model) and getattr(graph, "_nodes_by_depth", None):
             yield graph
+
+
+def _narrow(dtype: Any) -> bool:
+    """Whether `dtype` is a float narrower than float32 (float16, bfloat16)."""
+    return keras.backend.standardize_dtype(dtype) in ("float16", "bfloat16")
 
 
 def _sum(tensors: list[Any]) -> Any:

@@ -102,6 +102,7 @@ def test_from_dict_follows_the_dataclass_fields():
         "reason",
         "initial_mean",
         "final_mean",
+        "merge",
     }
     assert LSUVReport.from_dict(data) == report
     # Missing fields take their defaults (a dict from an older version).

@@ -27,15 +27,29 @@ def resnet(blocks=4, post_activation=True, width=8):
     return keras.Model(inputs, layers.Dense(10, name="logits")(x))
 
 
-def projection_block():
-    """A block whose shortcut is a conv too (ResNet's first block of a stage): both inputs are branches, each
-    through a fresh BatchNormalization and a Dropout."""
+def projection_block(normalization=False):
+    """A block whose shortcut is a conv too (ResNet's first block of a stage): both inputs are branches, the main
+    one through a Dropout; each through a BatchNormalization too if `normalization` (then neither is a branch)."""
+    normalize = layers.BatchNormalization if normalization else layers.Identity
     inputs = keras.Input((8, 8, 3))
-    shortcut = layers.BatchNormalization()(layers.Conv2D(12, 1, name="shortcut")(inputs))
+    shortcut = normalize()(layers.Conv2D(12, 1, name="shortcut")(inputs))
     h = layers.Conv2D(6, 3, padding="same", activation="relu")(inputs)
-    h = layers.Dropout(0.5)(layers.BatchNormalization()(layers.Conv2D(12, 3, padding="same", name="main")(h)))
+    h = layers.Dropout(0.5)(normalize()(layers.Conv2D(12, 3, padding="same", name="main")(h)))
     x = layers.Activation("relu")(layers.Add()([shortcut, h]))
     return keras.Model(inputs, layers.Dense(4)(layers.Flatten()(x)))
+
+
+def normalized_blocks():
+    """A stem with a BatchNormalization off every branch, a block whose branch ends with one, a block without: in
+    training (fit), each BatchNormalization moves every merge after it."""
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Activation("relu")(layers.BatchNormalization(name="stem_norm")(layers.Conv2D(8, 3)(inputs)))
+    h = layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    h = layers.BatchNormalization(name="branch_norm")(layers.Conv2D(8, 3, padding="same")(h))
+    x = layers.Activation("relu")(layers.Add(name="normalized")([x, h]))
+    h = layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    x = layers.Activation("relu")(layers.Add(name="plain")([x, layers.Conv2D(8, 3, padding="same")(h)]))
+    return keras.Model(inputs, layers.Dense(3)(layers.GlobalAveragePooling2D()(x)))
 
 
 def pre_ln_transformer(blocks=2, width=16, tokens=6):
@@ -58,6 +72,31 @@ def nested_blocks():
     inputs = keras.Input((8, 8, 3))
     shared = layers.Dense(10, activation="tanh", name="shared")
     return keras.Model(inputs, shared(shared(inner(inputs))))
+
+
+class WeightNormalizedDense(layers.Dense):
+    """A `call` of its own: the kernel's columns at unit norm, so that its output does not scale with its kernel."""
+
+    def call(self, x):
+        norm = keras.ops.sqrt(keras.ops.sum(keras.ops.square(self.kernel), axis=0, keepdims=True))
+        return self.activation(keras.ops.matmul(x, self.kernel / norm) + self.bias)
+
+
+class ShiftedDense(layers.Dense):
+    """A `call` of its own that adds a constant after Keras's: scaling the kernel and bias does not scale it."""
+
+    def call(self, x):
+        return super().call(x) + 1.0
+
+
+def own_call_branches():
+    """An identity stream whose branches end at layers with a `call` of their own (a branch scale near 0 would be
+    0/0 in the weight-normalized one)."""
+    inputs = keras.Input((16,))
+    x = layers.Dense(16)(inputs)
+    for kind in (WeightNormalizedDense, ShiftedDense, WeightNormalizedDense):
+        x = x + kind(16)(layers.Dense(32, activation="relu")(x))
+    return keras.Model(inputs, layers.Dense(3)(x))
 
 
 MODELS = {
@@ -231,3 +270,138 @@ def test_branch_scale_reaches_the_goal_or_the_least_variance(stream, branch, cov
         grid = np.linspace(0, 3, 3001)
         least = min(merge_variance(stream, branch, covariance, s) for s in grid)
         assert merge_variance(stream, branch, covariance, scale) <= least + 1e-9
+
+
+class FeaturePyramid(keras.Model):
+    """A Functional model built from another one's tensors (as keras-hub's `DeepLabV3Backbone` builds its pyramid
+    from its encoder's): the encoder's first merge belongs to both graphs; the encoder is tracked, not called."""
+
+    def __init__(self):
+        encoder = resnet(blocks=2)
+        first = [layer for layer in encoder.layers if isinstance(layer, layers.Add)][0]
+        features = keras.Model(encoder.inputs, first.output)
+        inputs = keras.Input((8, 8, 3))
+        super().__init__(inputs, layers.Dense(3)(layers.GlobalAveragePooling2D()(features(inputs))))
+        self.encoder = encoder
+        self.first = first
+
+
+def test_a_merge_in_two_graphs_has_one_record_and_is_solved():
+    model = FeaturePyramid()
+    x = zoo.batch_for(model)
+    report = zoo.initialize_and_check(model, x, residual="stream")
+    records = [m for m in report.merges if m.operation is model.first]
+    assert len(records) == 1 and not records[0].skipped and records[0].converged, str(report)
+    assert len({id(m.operation) for m in report.merges}) == len(report.merges)
+
+
+def test_a_branch_ending_at_a_layer_with_its_own_call_is_no_branch():
+    model = own_call_branches()
+    x = zoo.batch_for(model)
+    report = zoo.initialize_and_check(model, x, residual="stream")  # merges, and the layers after, re-measured
+    assert len(report.merges) == 3
+    for merge in report.merges:
+        assert merge.skipped and "has a `call` of its own" in merge.reason, merge
+    assert np.isfinite(keras.ops.convert_to_numpy(model(x))).all()
+
+
+@pytest.mark.parametrize("build", [normalized_blocks, lambda: projection_block(normalization=True)])
+def test_a_merge_after_a_batch_normalization_is_left_alone_as_training_would_undo_its_scale(build):
+    model = build()
+    x = zoo.batch_for(model)
+    model(x[:2])
+    norms = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    before = [zoo.weights_of(norm) for norm in norms]
+    # the oracle measures every merge reported converged in the forward pass `fit` runs too
+    report = zoo.initialize_and_check(model, x, residual="stream")
+    assert report.merges
+    for merge in report.merges:
+        assert merge.skipped and "BatchNormalization" in merge.reason and "training (fit)" in merge.reason, merge
+    for norm, weights in zip(norms, before, strict=True):
+        for a, b in zip(weights, zoo.weights_of(norm), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_batch_normalization_after_the_merges_leaves_them_solved_and_they_hold_in_training():
+    inputs = keras.Input((8, 8, 3))
+    x = resnet(blocks=2)(inputs)
+    model = keras.Model(inputs, layers.Dense(3)(layers.BatchNormalization()(x)))
+    x = zoo.batch_for(model)
+    report = zoo.initialize_and_check(model, x, residual="stream")  # training-mode merges measured too
+    assert len(report.merges) == 2 and all(m.converged for m in report.merges), str(report)
+
+
+def test_a_run_that_solves_no_merge_says_so_in_one_warning():
+    model = zoo.SharedAlongTheChain()  # `h + ...` inside a subclassed model's call: no graph node
+    x = zoo.batch_for(model)
+    with pytest.warns(UserWarning, match=r"found no addition .* subclassed layer's or model's `call`"):
+        zoo.run(model, x, residual="stream")
+
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(6, 3, padding="same", activation="relu")(inputs)
+    h = layers.Conv2D(6, 3, padding="same", activation="tanh")(x)  # tanh does not scale with its input
+    model = keras.Model(inputs, layers.Add()([x, h]))
+    warned = []
+    zoo.initialize_and_check(model, zoo.batch_for(model), warned=warned, residual="stream")
+    (warning,) = [w for w in warned if "no merge" in str(w.message)]
+    assert "saw 1 addition in" in str(warning.message) and "no input is a branch" in str(warning.message)
+
+
+def test_no_such_warning_where_a_merge_is_solved():
+    warned = []
+    model = resnet(blocks=2)
+    zoo.initialize_and_check(model, zoo.batch_for(model), warned=warned, residual="stream")
+    assert not [w for w in warned if "residual='stream'" in str(w.message)], [str(w.message) for w in warned]
+
+
+def test_a_branch_layer_record_names_its_merge_in_a_field():
+    model = resnet(blocks=3, post_activation=False)  # later branches are scaled far below the target
+    x = zoo.batch_for(model)
+    report = zoo.initialize_and_check(model, x, residual="stream")  # every record names a merge iff it ends a branch
+    for merge in report.merges:
+        (layer,) = merge.branch_layers
+        assert report[layer].merge == merge.name and report[layer].to_dict()["merge"] == merge.name
+    assert report.records[0].merge is None and report.records[0].to_dict()["merge"] is None
+    assert min(report[m.branch_layers[0]].final_variance for m in report.merges) < 0.5
+    assert LSUVReport.from_dict(report.to_dict()) == report
+
+
+def test_merges_are_listed_in_the_order_the_pass_reaches_them():
+    inputs = keras.Input((8, 8, 3))
+    x = resnet(blocks=2)(inputs)  # the inner merges come first in the pass, after the outer ones in the graph walk
+    h = layers.Dense(10, activation="tanh")(x)
+    model = keras.Model(inputs, layers.Add(name="outer")([x, h]))  # skipped: tanh, no branch
+    x = zoo.batch_for(model)
+    model(x[:2])
+    operations = [op for layer in model._flatten_layers() for op in getattr(layer, "operations", [])]
+    adds = [op for op in operations if type(op).__name__ == "Add"]
+    order = []
+    with zoo.recorded_calls(adds, lambda operation, *_: order.append(operation)):
+        model(x, training=False)
+    report = zoo.initialize_and_check(model, x, residual="stream")
+    assert [m.operation for m in report.merges] == order and order[-1].name == "outer"
+
+
+@pytest.fixture
+def mixed_float16():
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    yield
+    keras.config.set_dtype_policy(policy)
+
+
+def test_a_branch_scale_float16_cannot_hold_is_bounded_and_reported(mixed_float16):
+    inputs = keras.Input((16,))
+    x = layers.Dense(16, activation="relu")(inputs)  # the stream: variance about 0.34
+    # a branch of variance 1e-8 (leaky relu of a pre-activation near -10) needs a scale of about 8000, which its
+    # bias (-80000) and pre-activation cannot hold in float16
+    h = layers.Dense(16, bias_initializer=keras.initializers.Constant(-10.0), name="branch")(x)
+    h = layers.LeakyReLU(negative_slope=1e-4)(h)
+    model = keras.Model(inputs, layers.Dense(3)(layers.Add()([x, h])))
+    x = zoo.batch_for(model)
+    warned = []
+    report = zoo.initialize_and_check(model, x, warned=warned, residual="stream")  # weights finite, merge measured
+    (merge,) = report.merges
+    assert not merge.skipped and not merge.converged and "float16" in merge.reason, merge
+    assert any(f"merge '{merge.name}'" in str(w.message) and "float16" in str(w.message) for w in warned)
+    assert np.isfinite(keras.ops.convert_to_numpy(model(x))).all()

@@ -189,18 +189,46 @@ def preactivations(model, x, select=None):
     return found
 
 
-def output_variances(model, x, operations):
+def output_variances(model, x, operations, training=False):
     """The variance of each operation's output (a merge: an `Add` layer or `x + y`) in a plain forward pass, by
-    operation object; each must be called once."""
+    operation object; each must be called once.
+
+    With `training=True` the pass is the one `fit` runs (`BatchNormalization` on the batch's own statistics), with
+    every dropout and noise layer off (its rate or deviation 0 for the pass) so that it measures the scales, not a
+    random draw; every weight, the moving statistics included, is put back afterwards.
+    """
     outputs = {}
 
     def record(operation, args, kwargs, output):
         assert operation not in outputs, f"{operation.name} called twice"
         outputs[operation] = float(np.var(keras.ops.convert_to_numpy(output).astype("float64")))
 
-    with recorded_calls(operations, record):
-        model(x, training=False)
+    saved = weights_of(model)
+    with recorded_calls(operations, record), random_layers_off(model if training else None):
+        model(x, training=training)
+    for weight, value in zip(model.weights, saved, strict=True):
+        weight.assign(value)
     return outputs
+
+
+@contextlib.contextmanager
+def random_layers_off(model):
+    """Sets the rate (or noise deviation) of every dropout and noise layer of `model` to 0 in the block; nothing if
+    `model` is `None`."""
+    kinds = {layers.Dropout: "rate", layers.GaussianDropout: "rate", layers.AlphaDropout: "rate"}
+    kinds[layers.GaussianNoise] = "stddev"
+    found = []
+    if model is not None:
+        for layer in model._flatten_layers(include_self=False):
+            for kind, attribute in kinds.items():
+                if isinstance(layer, kind):
+                    found.append((layer, attribute, getattr(layer, attribute)))
+                    setattr(layer, attribute, 0)
+    try:
+        yield
+    finally:
+        for layer, attribute, value in found:
+            setattr(layer, attribute, value)
 
 
 @contextlib.contextmanager
@@ -247,14 +275,16 @@ def kernels_by_layer(model, select=None):
     return found
 
 
-def assert_report_is_true(model, x, report, before, tolerance=0.1, select=None, mean_tolerance=0.02):
+def assert_report_is_true(model, x, report, before, tolerance=0.1, select=None, mean_tolerance=0.02, in_training=False):
     """The report against the model, measured independently over every call of each layer.
 
     The report has one record per target layer (chosen by `select`, the default targets if `None`), matched by the
     layer object (never by name); every layer the report calls converged measures within `tolerance` of 1 and as
     reported; every layer it did not measure has its kernels bit-identical to `before` (from `kernels_by_layer`);
     every weight is finite. For a centered run (`report.center`), every converged layer with a bias has each
-    channel's mean within `mean_tolerance` of 0, and every measured record's means are as measured.
+    channel's mean within `mean_tolerance` of 0, and every measured record's means are as measured. With
+    `in_training`, every merge the report calls converged measures within `tolerance` of 1 in the forward pass `fit`
+    runs too (`output_variances(..., training=True)`).
     """
     outputs = preactivations(model, x, select)
     measured = pooled_variances(outputs)
@@ -274,6 +304,10 @@ def assert_report_is_true(model, x, report, before, tolerance=0.1, select=None, 
             if merge.converged:
                 assert abs(value - 1.0) < tolerance, f"merge {merge.name}: reported converged, measures {value}"
             branch_ends |= {id(layer) for layer in merge.branch_layers}
+        converged = [m.operation for m in report.merges if not m.skipped and m.converged]
+        if in_training and converged:
+            for operation, value in output_variances(model, x, converged, training=True).items():
+                assert abs(value - 1.0) < tolerance, f"merge {operation.name}: converged, measures {value} in training"
     for record in report.records:
         if report.center and not record.skipped:
             mean = float(np.mean(np.concatenate([z.ravel() for z in outputs[record.layer]])))
@@ -283,6 +317,7 @@ def assert_report_is_true(model, x, report, before, tolerance=0.1, select=None, 
                 assert np.max(np.abs(means)) < mean_tolerance, f"{record.name}: channel means {means}"
         elif not record.skipped:
             assert record.initial_mean is None and record.final_mean is None, f"{record.name}: means without center"
+        assert (record.merge is not None) == (id(record.layer) in branch_ends), f"{record.name}: merge {record.merge}"
         if record.skipped:
             for a, b in zip(before.get(record.layer, []), after.get(record.layer, []), strict=True):
                 np.testing.assert_array_equal(a, b, err_msg=f"{record.name} was not measured but changed")
@@ -320,7 +355,8 @@ def initialize_and_check(model, x, warned=None, **options):
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         else:
             warned.append(warning)
-    assert_report_is_true(model, x, report, before, select=options.get("targets"))
+    in_training = options.get("residual") is not None  # a merge's record must hold as `fit` runs the model
+    assert_report_is_true(model, x, report, before, select=options.get("targets"), in_training=in_training)
     return report
 
 

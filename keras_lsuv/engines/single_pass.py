@@ -18,7 +18,8 @@ skipped with that reason; so is one called inside torch's `vmap` (`keras.ops.vec
 With `residual="stream"`, each merge of a residual stream (`residual.Merge`) is intercepted too: at its first call
 in a pass that has not halted, the last target of each of its branches is scaled so that the merge's output has the
 target variance (`residual.solve`), and the pass goes on with that output. Like a layer's rescale, this is
-tentative: a merge reached after the point where its pass halts is undone, and solved again in the next pass.
+tentative: a merge reached after the point where its pass halts is undone, and solved again in the next pass. A merge
+the pass reaches after a `BatchNormalization` is left as it is: in training, batch statistics would undo its scale.
 
 All the engine knows of a target is its `LayerState` (a `Status`, its calls in this pass, its kernel as step 1 left
 it, its record), and of a merge its `MergeState`; a `Pass` holds the layers rescaled and the merges reached in one
@@ -55,7 +56,7 @@ from keras_lsuv.rescale import (
     write_bias,
     write_kernel,
 )
-from keras_lsuv.residual import Merge, branch_record, scale_branch, solve
+from keras_lsuv.residual import Merge, branch_limit, branch_record, scale_branch, solve
 from keras_lsuv.statistics import Moments, fetch, moments, on_accelerator, variance, variance_on_device
 from keras_lsuv.targets import Target, read_biases, without_activation
 
@@ -76,7 +77,8 @@ def run_single_pass(
     """Rescales every target in one forward pass of `batch` (more for layers called several times per pass).
 
     With `merges` (`residual="stream"`), each merge's branches are scaled in the same pass, when the pass reaches
-    the merge, and its record is written into `merges`.
+    the merge, and its record is written into `merges`, whose keys are put in the order the passes first reached
+    them, then the merges never reached.
 
     Returns:
         Each target's record: the targets in the order the pass first reached them, then the ones it never reached.
@@ -126,6 +128,8 @@ class LayerState:
         on_device: For a layer rescaled on the device, its variance, scale and stop code, not read back yet.
         merged: Whether a merge scaled it with its residual branch (`residual="stream"`): its variance is then the
             merge's to set, not the target's.
+        peak: Its largest |pre-activation| at its scale, where its compute dtype is float16 and there are merges
+            to solve (else 0): a merge's branch scale must keep it within that dtype (`residual.branch_limit`).
     """
 
     target: Target
@@ -136,6 +140,7 @@ class LayerState:
     record: LayerRecord | None = None
     on_device: tuple[Any, Any, Any] | None = dataclasses.field(default=None, repr=False)
     merged: bool = False
+    peak: float = 0.0
 
     @property
     def open(self) -> bool:
@@ -179,12 +184,15 @@ class Pass:
         cause: The layer that made it halt.
         merges: The merges the pass reached, each with the length of `tentative` then: one reached at `k` holds
             when the pass halted at `halt_at >= k` (all its branches were rescaled before the cause's first call).
+        normalization: The first `BatchNormalization` the pass called, with `residual="stream"`: a merge reached
+            after it is left as it is (`_intercept_merge`).
     """
 
     tentative: list[LayerState] = dataclasses.field(default_factory=list)
     halt_at: int | None = None
     cause: LayerState | None = None
     merges: list[tuple[int, MergeState]] = dataclasses.field(default_factory=list)
+    normalization: keras.layers.Layer | None = None
 
     def halt(self, state: LayerState) -> None:
         """Marks that nothing this pass does from `state` on may become final.
@@ -219,9 +227,16 @@ class _SinglePass:
         self.states = [LayerState(t, Status.SKIPPED if t.skip_reason else Status.PENDING) for t in targets]
         self.merge_records = {} if merges is None else merges
         self.merges = [MergeState(merge) for merge in self.merge_records if not merge.skip_reason]
+        # With merges to solve, the pass notes the first BatchNormalization it calls (`Pass.normalization`).
+        self.normalizations = (
+            [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+            if self.merges
+            else []
+        )
         self.state_of = {state.target: state for state in self.states}
         # In the order the passes first reached them: a dict as an ordered set, checked at every intercepted call.
         self.reached: dict[LayerState, None] = {}
+        self.merges_reached: dict[Merge, None] = {}  # likewise, for the merges
         read_biases([t for t in targets if not t.skip_reason])
 
     def run(self) -> dict[Target, LayerRecord]:
@@ -237,6 +252,10 @@ class _SinglePass:
             else:
                 traced = state.status is Status.TRACED
                 records[state.target] = state.target.skipped_record(TRACED_REASON if traced else None)
+        unreached = [merge for merge in self.merge_records if merge not in self.merges_reached]
+        ordered = {merge: self.merge_records[merge] for merge in [*self.merges_reached, *unreached]}
+        self.merge_records.clear()
+        self.merge_records.update(ordered)
         return records | {s.target: s.target.skipped_record() for s in self.states if s not in self.reached}
 
     def _intercept(self, state: LayerState, this_pass: Pass, original_call: Callable[..., Any]) -> Callable[..., Any]:
@@ -280,11 +299,18 @@ class _SinglePass:
         are scaled (`_solve_merge`) and it returns its output at that scale; otherwise it runs as it is."""
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            self.merges_reached.setdefault(state.merge)
             if state.final or this_pass.halted or any(m is state for _, m in this_pass.merges):
                 return original_call(*args, **kwargs)
             this_pass.merges.append((len(this_pass.tentative), state))
             if is_traced((args, kwargs)):
                 state.record = state.merge.skipped_record(TRACED_REASON)
+                return original_call(*args, **kwargs)
+            if this_pass.normalization is not None:
+                state.record = state.merge.skipped_record(
+                    f"BatchNormalization '{this_pass.normalization.name}' runs before it: in training (fit) it "
+                    "normalizes by the batch's own statistics, so a branch scale solved in inference would not hold"
+                )
                 return original_call(*args, **kwargs)
             return self._solve_merge(state, this_pass, original_call, args, kwargs)
 
@@ -312,8 +338,9 @@ class _SinglePass:
                 f"its branch ends at layer '{name}', which is called several times per pass or was not measured"
             )
             return original_call(*args, **kwargs)
+        limit = min((branch_limit(b.target, b.peak) for b in branches), key=lambda limit: limit.scale)
         with _as_lsuv_error():
-            record, output = solve(state.merge, args, kwargs, self.criterion)
+            record, output = solve(state.merge, args, kwargs, self.criterion, limit)
         state.record = record
         if output is None:
             return original_call(*args, **kwargs)
@@ -342,6 +369,7 @@ class _SinglePass:
         this_pass = Pass()
         by_layer = {state.target.layer: state for state in self.states}
         by_merge = {state.merge.operation: state for state in self.merges if not state.final}
+        skipped = {merge.operation: merge for merge in self.merge_records if merge.skip_reason}
         traced_before = [s for s in self.states if s.status is Status.TRACED]
         for state in self.states:
             state.calls = 0
@@ -349,9 +377,19 @@ class _SinglePass:
         def make_call(layer: Any, call: Callable[..., Any]) -> Callable[..., Any]:
             if layer in by_merge:
                 return self._intercept_merge(by_merge[layer], this_pass, call)
-            return self._intercept(by_layer[layer], this_pass, call)
+            if layer in by_layer:
+                return self._intercept(by_layer[layer], this_pass, call)
 
-        self._forward(list(by_layer) + list(by_merge), make_call)
+            def noted_call(*args: Any, **kwargs: Any) -> Any:  # a skipped merge, or a BatchNormalization
+                if layer in skipped:
+                    self.merges_reached.setdefault(skipped[layer])
+                else:
+                    this_pass.normalization = this_pass.normalization or layer
+                return call(*args, **kwargs)
+
+            return noted_call
+
+        self._forward(list(by_layer) + list(by_merge) + list(skipped) + self.normalizations, make_call)
         self._read_back(this_pass)  # after it, every record of the pass is complete
         end = len(this_pass.tentative) if this_pass.halt_at is None else this_pass.halt_at
         self._end_merges(this_pass, end)
@@ -662,6 +700,7 @@ class _SinglePass:
 
             with _as_lsuv_error():
                 record = find_centered_scale(target, measure_at, self.criterion, limit)
+            state.peak = _output_peak(layer, latest["preactivation"]) if self.merges else 0.0
             return record, _output(target, original_call, args, kwargs, latest["preactivation"], activation)
 
         def variance_at(scale: float) -> float:
@@ -674,6 +713,7 @@ class _SinglePass:
 
         with _as_lsuv_error():
             record = find_scale(target, variance_at, self.criterion, limit)
+        state.peak = _output_peak(layer, latest["preactivation"]) if self.merges else 0.0
         return record, _output(target, original_call, args, kwargs, latest["preactivation"], activation)
 
     def _rescale_by_passes(self, state: LayerState) -> LayerRecord:

@@ -36,7 +36,9 @@ def lsuv_init(model: keras.Model, x: Any, **options: Any) -> LSUVReport:
     so that its pre-activation has zero mean per channel. Target layers
     (`targets=None`, see `default_targets`): trainable `Dense`,
     `EinsumDense`, `ConvND`, `ConvNDTranspose`, `DepthwiseConvND` and
-    `SeparableConvND`, wherever they sit in the model. A layer called several
+    `SeparableConvND`, wherever they sit in the model, but a layer whose kernel
+    its author initialized to zeros (a deliberate start, kept with its
+    reason: see `default_targets`). A layer called several
     times per forward pass is measured over all its calls. A target the pass
     does not measure (never reached, never built, or only called inside JAX
     control flow or torch's `vmap`) keeps its kernel as it was, and a warning

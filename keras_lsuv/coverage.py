@@ -47,13 +47,13 @@ def find_uncovered(model: keras.Model, records: Mapping[Target, LayerRecord]) ->
         layers, and `LSUVReport.coverage`: the kernel-like parameters covered over all kernel-like parameters (1.0
         where the model has none).
     """
-    # Keras's walk lists a layer before its sub-layers: reversed, the innermost layer holding a weight comes first.
-    walk = list(model._flatten_layers(include_self=True, recursive=True))
+    walk = list(model._flatten_layers(include_self=True, recursive=True))  # as targets.py walks (Keras's own walk)
     measured = [target.layer for target, record in records.items() if not record.skipped]
     kept = [layer for layer in walk if is_deliberate_start(layer) and layer.built]
     covered = {id(kernel) for layer in measured + kept for kernel in Target(layer).kernels}
     covered |= {id(layer.bias) for layer in measured if getattr(layer, "bias", None) is not None}
     by_layer = {id(target.layer): record for target, record in records.items()}
+    # The walk lists a layer before its sub-layers: reversed, the innermost layer holding a weight comes first.
     owner: dict[int, keras.layers.Layer] = {}
     for layer in reversed(walk):
         for weight in layer.trainable_weights:

@@ -4,7 +4,7 @@ from keras_lsuv.callback import LSUVCallback
 from keras_lsuv.lsuv import lsuv_init
 from keras_lsuv.options import LSUVOptions
 from keras_lsuv.orthonormal import Orthonormal
-from keras_lsuv.report import LayerRecord, LSUVReport, MergeRecord
+from keras_lsuv.report import LayerRecord, LSUVReport, MergeRecord, UncoveredLayer
 from keras_lsuv.targets import default_targets
 from keras_lsuv.version import __version__
 
@@ -15,6 +15,7 @@ __all__ = [
     "LayerRecord",
     "MergeRecord",
     "Orthonormal",
+    "UncoveredLayer",
     "default_targets",
     "lsuv_init",
     "__version__",

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 from keras import ops, tree
 
+from keras_lsuv.coverage import find_uncovered, uncovered_warning
 from keras_lsuv.data import first_sample, prepare_batch
 from keras_lsuv.engines import ENGINES
 from keras_lsuv.guard import note_lsuv_bias, optimizer_steps_evidence, skipped_reason, trained_weights_evidence
@@ -36,7 +37,9 @@ def lsuv_init(model: keras.Model, x: Any, **options: Any) -> LSUVReport:
     so that its pre-activation has zero mean per channel. Target layers
     (`targets=None`, see `default_targets`): trainable `Dense`,
     `EinsumDense`, `ConvND`, `ConvNDTranspose`, `DepthwiseConvND` and
-    `SeparableConvND`, wherever they sit in the model. A layer called several
+    `SeparableConvND`, wherever they sit in the model, but a layer whose kernel
+    its author initialized to zeros (a deliberate start, kept with its
+    reason: see `default_targets`). A layer called several
     times per forward pass is measured over all its calls. A target the pass
     does not measure (never reached, never built, or only called inside JAX
     control flow or torch's `vmap`) keeps its kernel as it was, and a warning
@@ -132,6 +135,7 @@ def run_lsuv(model: keras.Model, x: Any, options: LSUVOptions) -> LSUVReport:
         unmeasured = _restore_unmeasured(active, records) + [records[t] for t in targets if not t.layer.built]
         report.records = list(records.values())
         report.merges = [merges[m] or m.skipped_record() for m in merges]
+        report.uncovered, report.coverage = find_uncovered(model, records)
         if options.center or options.residual:  # the guard takes a bias LSUV set (centered, or scaled with its
             # residual branch) for a fresh one while it holds LSUV's values
             for target in active:
@@ -155,6 +159,8 @@ def run_lsuv(model: keras.Model, x: Any, options: LSUVOptions) -> LSUVReport:
         )
     if options.residual and all(merge.skipped for merge in report.merges):
         warnings.warn(_no_merge_solved(report.merges), UserWarning, stacklevel=_CALLER)
+    if warning := uncovered_warning(report.uncovered, report.coverage):
+        warnings.warn(warning, UserWarning, stacklevel=_CALLER)
     for merge in report.merges:
         if not merge.skipped and not merge.converged:
             warnings.warn(

@@ -16,6 +16,8 @@ TABLE_HEADER = ("layer", "class", "initial var", "final var", "iters", "scale", 
 MEAN_HEADER = ("initial mean", "final mean")
 # The merges' table of a residual-aware run (`residual="stream"`).
 MERGE_HEADER = ("merge", "stream var", "branch var", "initial var", "final var", "scale", "branches", "status")
+# The table of the weights LSUV did not reach (`LSUVReport.uncovered`).
+UNCOVERED_HEADER = ("not reached", "class", "params", "kernel-like", "share", "weights", "why")
 
 
 @dataclasses.dataclass
@@ -123,6 +125,49 @@ class MergeRecord:
 
 
 @dataclasses.dataclass
+class UncoveredLayer:
+    """A layer holding trainable weights of rank 2 or more that LSUV did not reach (`LSUVReport.uncovered`).
+
+    A weight counts for the innermost layer holding it (an LSTM's kernels for its `LSTMCell`).
+
+    Args:
+        name: The layer's name.
+        class_name: The layer's class, e.g. `"LSTMCell"`.
+        weights: The path of each weight not reached, with its shape as a list (`{"lstm/lstm_cell/kernel": [8, 64]}`).
+        parameters: How many values those weights hold.
+        kernel_parameters: How many of them are kernel-like (all but embedding tables and biases, see
+            `keras_lsuv.coverage`): the ones `LSUVReport.coverage` counts.
+        share: `parameters` as a share of all the model's parameters (`model.count_params()`), between 0 and 1.
+        reason: Why LSUV did not reach them: the layer is of a kind LSUV does not initialize, `targets=` did not
+            choose it, its record was skipped (with that record's reason), or the weight is not a kernel LSUV
+            scales.
+        layer: The layer itself. Not part of `to_dict()`, nor of equality; `None` in a report rebuilt by
+            `LSUVReport.from_dict`.
+    """
+
+    name: str
+    class_name: str
+    weights: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    parameters: int = 0
+    kernel_parameters: int = 0
+    share: float = 0.0
+    reason: str = ""
+    layer: keras.layers.Layer | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry's fields as plain Python types, without the layer object."""
+        return {field.name: getattr(self, field.name) for field in _uncovered_fields()}
+
+    def describe(self) -> str:
+        """One line: the layer, its weights not reached with their shapes, their count and share, and why."""
+        weights = ", ".join(f"{path} {tuple(shape)}" for path, shape in self.weights.items())
+        return (
+            f"'{self.name}' ({self.class_name}): {weights}: {self.kernel_parameters:,} kernel-like parameters, "
+            f"{self.share:.1%} of the model ({self.reason})"
+        )
+
+
+@dataclasses.dataclass
 class LSUVReport:
     """The result of `lsuv_init`: per-layer records in processing order.
 
@@ -141,6 +186,20 @@ class LSUVReport:
         residual: `"stream"` for residual-aware LSUV, else `None`.
         merges: With `residual="stream"`, one `MergeRecord` per merge of a
             residual stream, in the order the pass reached them.
+        uncovered: One `UncoveredLayer` per layer holding trainable weights
+            of rank 2 or more that no record covers, in the model's layer
+            order: of kinds LSUV does not initialize (custom `add_weight`
+            kernels, RNN cells, mixture-of-experts expert kernels), left out
+            by `targets=`, or whose record was skipped. Embedding and position
+            tables, and biases of rank 2, are listed too. A weight is covered when LSUV measured and
+            scaled it, or left it alone on purpose (the zero kernel of a
+            deliberate start, see `default_targets`; frozen weights are not
+            trainable). Empty when the whole run was skipped.
+        coverage: The share of the model's kernel-like parameters that LSUV
+            reached: the values of the covered kernel-like weights over those
+            of every kernel-like weight (trainable, of rank 2 or more, neither
+            an embedding table nor a bias; each variable counted once); 1.0
+            for a model with none. `None` when the whole run was skipped.
 
     Example:
 
@@ -150,6 +209,8 @@ class LSUVReport:
     >>> json.dumps(report.to_dict())      # for an experiment logger
     >>> report.plot()                     # variance per layer (needs matplotlib)
     >>> report.assert_converged()         # in CI: raises unless every layer converged
+    >>> report.uncovered                  # the weights LSUV did not reach, by layer
+    >>> report.assert_converged(min_coverage=1.0)  # ... and every kernel-like weight was reached
 
     In Jupyter the report displays as an HTML table.
     """
@@ -163,13 +224,15 @@ class LSUVReport:
     skipped_reason: str | None = None
     residual: str | None = None
     merges: list[MergeRecord] = dataclasses.field(default_factory=list)
+    uncovered: list[UncoveredLayer] = dataclasses.field(default_factory=list)
+    coverage: float | None = None
 
     @property
     def converged(self) -> bool:
         """True when every processed layer, and every merge solved, reached the tolerance."""
         return all(r.converged for r in self.records + self.merges if not r.skipped)
 
-    def assert_converged(self) -> LSUVReport:
+    def assert_converged(self, min_coverage: float | None = None) -> LSUVReport:
         """Checks that the run happened and every layer it measured converged, e.g. in a test or in CI.
 
         Layers left alone on purpose (frozen, never reached) do not count;
@@ -178,27 +241,51 @@ class LSUVReport:
         Example:
 
         >>> report = keras_lsuv.lsuv_init(model, x, verbose=0).assert_converged()
+        >>> report.assert_converged(min_coverage=1.0)  # every kernel-like weight reached too
+
+        Args:
+            min_coverage: If given, `coverage` must be at least this (a number
+                from 0 to 1): `1.0` requires every kernel-like weight of the
+                model to be reached.
 
         Returns:
             The report itself.
 
         Raises:
             AssertionError: Listing each layer that did not converge, with its
-                reason, or saying why the whole run was skipped.
+                reason, or saying why the whole run was skipped; with
+                `min_coverage`, listing the kernel-like weights not reached
+                when `coverage` is below it.
+            ValueError: If `min_coverage` is not a number from 0 to 1.
         """
+        if min_coverage is not None and (
+            isinstance(min_coverage, bool) or not isinstance(min_coverage, (int, float)) or not 0 <= min_coverage <= 1
+        ):
+            raise ValueError(f"assert_converged: min_coverage must be a number from 0 to 1; got {min_coverage!r}.")
         if self.skipped_reason:
             raise AssertionError(f"LSUV did not run: {self.skipped_reason}")
+        failures = []
         failed = [r for r in self.records if not r.skipped and not r.converged]
         merges = [m for m in self.merges if not m.skipped and not m.converged]
         if failed or merges:
             lines = [f"  '{r.name}' ({r.class_name}): {r.reason}" for r in failed]
             lines += [f"  merge '{m.name}': {m.reason}" for m in merges]
-            raise AssertionError(
+            failures.append(
                 f"LSUV: {len(failed)} of {sum(not r.skipped for r in self.records)} layers"
                 + (f" and {len(merges)} of {sum(not m.skipped for m in self.merges)} merges" if merges else "")
                 + " did not converge:\n"
                 + "\n".join(lines)
             )
+        if min_coverage is not None and self.coverage is None:
+            failures.append("LSUV: the report holds no coverage figure (it predates the field, or was built by hand).")
+        elif min_coverage is not None and self.coverage is not None and self.coverage < min_coverage:
+            lines = [f"  {u.describe()}" for u in self.uncovered if u.kernel_parameters]
+            failures.append(
+                f"LSUV reached {self.coverage:.2%} of the model's kernel-like parameters, below min_coverage="
+                f"{min_coverage:g}; not reached:\n" + "\n".join(lines)
+            )
+        if failures:
+            raise AssertionError("\n".join(failures))
         return self
 
     def __getitem__(self, key: str | keras.layers.Layer) -> LayerRecord:
@@ -233,13 +320,15 @@ class LSUVReport:
 
         Returns:
             A dict with the report's fields; `"records"` is a list of dicts,
-            one per layer, and `"merges"` one per merge.
+            one per layer, `"merges"` one per merge and `"uncovered"` one per
+            layer LSUV did not reach.
         """
         fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         return {
             **fields,
             "records": [record.to_dict() for record in self.records],
             "merges": [merge.to_dict() for merge in self.merges],
+            "uncovered": [entry.to_dict() for entry in self.uncovered],
         }
 
     @classmethod
@@ -274,8 +363,15 @@ class LSUVReport:
                 f"{_describe(merge_entries)}."
             )
         merges = [_merge_from_dict(entry, index) for index, entry in enumerate(merge_entries)]
+        uncovered_entries = data.pop("uncovered", [])
+        if not isinstance(uncovered_entries, list):
+            raise ValueError(
+                f"LSUVReport.from_dict: 'uncovered' must be a list of dicts, one per layer; got "
+                f"{_describe(uncovered_entries)}."
+            )
+        uncovered = [_uncovered_from_dict(entry, index) for index, entry in enumerate(uncovered_entries)]
         _check_keys(data, cls, "the report")
-        return cls(records=records, merges=merges, **data)
+        return cls(records=records, merges=merges, uncovered=uncovered, **data)
 
     @property
     def _header(self) -> tuple[str, ...]:
@@ -322,6 +418,15 @@ class LSUVReport:
             rows.append(cells)
         return rows
 
+    def _uncovered_rows(self) -> list[tuple[str, ...]]:
+        """The table of the weights not reached: a header row, then one row per layer."""
+        rows: list[tuple[str, ...]] = [UNCOVERED_HEADER]
+        for u in self.uncovered:
+            weights = ", ".join(f"{path} {tuple(shape)}" for path, shape in u.weights.items())
+            cells = (u.name, u.class_name, f"{u.parameters:,}", f"{u.kernel_parameters:,}", f"{u.share:.1%}")
+            rows.append((*cells, weights, u.reason))
+        return rows
+
     def _summary(self) -> str:
         processed = [r for r in self.records if not r.skipped]
         converged = sum(r.converged for r in processed)
@@ -334,10 +439,11 @@ class LSUVReport:
             if self.residual
             else ""
         )
+        coverage = "" if self.coverage is None else f", kernel-like params reached {self.coverage:.1%}"
         return (
             f"LSUV ({self.engine}, {self.measure}{centered}{residual}, target {self.target_variance:g} ± "
             f"{self.tolerance:g}): {converged}/{len(processed)} layers converged, "
-            f"{len(self.records) - len(processed)} skipped{merges}"
+            f"{len(self.records) - len(processed)} skipped{merges}{coverage}"
         )
 
     def __str__(self) -> str:
@@ -346,6 +452,8 @@ class LSUVReport:
         lines = _aligned([self._header] + [cells for _, cells in self._rows()])
         if self.merges:
             lines += [""] + _aligned(self._merge_rows())
+        if self.uncovered:
+            lines += [""] + _aligned(self._uncovered_rows())
         lines.append(self._summary())
         return "\n".join(lines)
 
@@ -363,12 +471,11 @@ class LSUVReport:
             f'<table class="lsuv-report"><caption>{html.escape(self._summary())}</caption>'
             f"<thead><tr>{header}</tr></thead><tbody>{''.join(body)}</tbody></table>"
         )
-        if not self.merges:
-            return table
-        merge_header, *merge_rows = self._merge_rows()
-        heads = "".join(f"<th>{html.escape(c)}</th>" for c in merge_header)
-        rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in merge_rows)
-        return f'{table}<table class="lsuv-merges"><thead><tr>{heads}</tr></thead><tbody>{rows}</tbody></table>'
+        if self.merges:
+            table += _html_table("lsuv-merges", self._merge_rows())
+        if self.uncovered:
+            table += _html_table("lsuv-uncovered", self._uncovered_rows())
+        return table
 
     def plot(self, ax: Axes | None = None) -> Axes:
         """Draws each layer's variance before and after LSUV on a log scale.
@@ -460,6 +567,29 @@ def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1] for row in rows]
 
 
+def _html_table(css_class: str, rows: list[tuple[str, ...]]) -> str:
+    """An HTML table of a header row and body rows of cells."""
+    header, *body = rows
+    heads = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f'<table class="{css_class}"><thead><tr>{heads}</tr></thead><tbody>{cells}</tbody></table>'
+
+
+def _uncovered_fields() -> list[dataclasses.Field[Any]]:
+    """The fields of `UncoveredLayer` that `to_dict` holds: all but the layer object."""
+    return [field for field in dataclasses.fields(UncoveredLayer) if field.name != "layer"]
+
+
+def _uncovered_from_dict(data: Any, index: int) -> UncoveredLayer:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"LSUVReport.from_dict: uncovered[{index}] must be a dict; got {_describe(data)}.")
+    _check_keys(data, UncoveredLayer, f"uncovered[{index}]")
+    missing = [key for key in ("name", "class_name") if key not in data]
+    if missing:
+        raise ValueError(f"LSUVReport.from_dict: uncovered[{index}] lacks the keys {missing}: {data!r}.")
+    return UncoveredLayer(**data)
+
+
 def _merge_fields() -> list[dataclasses.Field[Any]]:
     """The fields of `MergeRecord` that `to_dict` holds: all but the operation object."""
     return [field for field in dataclasses.fields(MergeRecord) if field.name not in ("operation", "branch_layers")]
@@ -480,7 +610,9 @@ def _record_fields() -> list[dataclasses.Field[Any]]:
 
 
 def _check_keys(data: Mapping[Any, Any], cls: type, what: str) -> None:
-    fields = {LayerRecord: _record_fields(), MergeRecord: _merge_fields()}.get(cls) or dataclasses.fields(cls)
+    fields = {LayerRecord: _record_fields(), MergeRecord: _merge_fields(), UncoveredLayer: _uncovered_fields()}.get(
+        cls
+    ) or dataclasses.fields(cls)
     unknown = sorted(set(data) - {field.name for field in fields}, key=str)
     if unknown:
         raise ValueError(f"LSUVReport.from_dict: {what} has unknown keys {unknown}; expected those of to_dict().")

@@ -44,7 +44,7 @@ class Target:
     Args:
         layer: The Keras layer.
         skip_reason: Why it is left alone (frozen, kernel not a plain
-            variable), else `None`.
+            variable, a deliberate start), else `None`.
         before: The weights the run may change, each with its value before the run (`save_weights`).
         host_bias: The bias's values on the host, flat, float64 (`read_biases`); `None` until read or without bias.
     """
@@ -149,7 +149,13 @@ class Target:
 
 def default_targets(layer: keras.layers.Layer) -> bool:
     """Whether LSUV initializes `layer` unless told otherwise (`targets=None`): every `Dense`, `EinsumDense` and
-    convolution (`ConvND`, `ConvNDTranspose`, `DepthwiseConvND`, `SeparableConvND`), subclasses included.
+    convolution (`ConvND`, `ConvNDTranspose`, `DepthwiseConvND`, `SeparableConvND`), subclasses included, but a
+    deliberate start (`is_deliberate_start`: a kernel its author initialized to zeros, as a PointNet T-net's or a
+    ReZero-style branch's last layer).
+
+    With `targets=None` a deliberate start gets a record, skipped with that reason, and keeps its weights
+    bit-identical; a `targets=` that builds on this function (`default_targets(layer) and ...`) keeps it too, without
+    a record, and one that returns `True` for it has it initialized as any other layer.
 
     Example:
 
@@ -161,9 +167,39 @@ def default_targets(layer: keras.layers.Layer) -> bool:
         layer: A Keras layer.
 
     Returns:
-        `True` for a layer of those kinds.
+        `True` for a layer of those kinds that is not a deliberate start.
     """
-    return isinstance(layer, TARGET_CLASSES)
+    return isinstance(layer, TARGET_CLASSES) and not is_deliberate_start(layer)
+
+
+def is_deliberate_start(layer: keras.layers.Layer) -> bool:
+    """Whether the author of `layer` started it from a zero kernel on purpose.
+
+    That is: the initializer of the kernel that sets the layer's output scale (`kernel_initializer`,
+    `depthwise_initializer` of depthwise convs, `pointwise_initializer` of separable convs) is zeros (`"zeros"`,
+    `Zeros()`, `Constant(0)`) and, once the layer is built, that kernel still holds only zeros. Such a layer outputs
+    its bias alone (a PointNet T-net starts at the identity transform, a ReZero or SkipInit branch at zero), which
+    LSUV's rescaling would undo. Only a layer with a zeros initializer has its kernel read.
+
+    Args:
+        layer: A Keras layer.
+
+    Returns:
+        `True` for such a layer of the kinds `default_targets` chooses from.
+    """
+    if not isinstance(layer, TARGET_CLASSES):
+        return False
+    attribute = (
+        "pointwise" if isinstance(layer, SEPARABLE) else "depthwise" if isinstance(layer, DEPTHWISE) else "kernel"
+    )
+    initializer = getattr(layer, f"{attribute}_initializer", None)
+    zeros = isinstance(initializer, keras.initializers.Zeros) or (
+        isinstance(initializer, keras.initializers.Constant) and not np.any(np.asarray(initializer.value))
+    )
+    if not zeros or not layer.built:
+        return zeros
+    kernel = Target(layer).scaled_kernel
+    return not np.any(ops.convert_to_numpy(kernel))
 
 
 def find_targets(model: keras.layers.Layer, select: Callable[[keras.layers.Layer], bool] | None = None) -> list[Target]:
@@ -171,12 +207,15 @@ def find_targets(model: keras.layers.Layer, select: Callable[[keras.layers.Layer
 
     Args:
         model: The model.
-        select: `layer -> bool`, called once on every layer but the `InputLayer`s; `default_targets` if `None`.
+        select: `layer -> bool`, called once on every layer but the `InputLayer`s. `None` chooses what
+            `default_targets` chooses, and also the deliberate starts it leaves out, as targets skipped with
+            `DELIBERATE_START_REASON` (so that the report says why they keep their weights).
 
     Raises:
         ValueError: If `select` chooses a layer of a kind LSUV cannot initialize.
     """
-    select = select or default_targets
+    keep_deliberate_starts = select is None
+    select = select or _of_target_kind
     targets, seen = [], set()
     for layer in _walk(model):
         if id(layer) in seen or isinstance(layer, layers.InputLayer):  # an input is no layer to choose
@@ -191,7 +230,7 @@ def find_targets(model: keras.layers.Layer, select: Callable[[keras.layers.Layer
                 f"rescales the kernels of {kinds} (and their subclasses). Leave it out of targets, e.g. "
                 "`lambda layer: keras_lsuv.default_targets(layer) and ...`."
             )
-        targets.append(Target(layer, _skip_reason(layer)))
+        targets.append(Target(layer, _skip_reason(layer, keep_deliberate_starts)))
     return targets
 
 
@@ -230,9 +269,18 @@ def _walk(layer: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
 
 
 NEVER_BUILT_REASON = "never built: not used by the model's forward pass"
+DELIBERATE_START_REASON = (
+    "a deliberate start: its kernel was initialized to zeros and holds only zeros (kept; choose it with targets= to "
+    "initialize it)"
+)
 
 
-def _skip_reason(layer: keras.layers.Layer) -> str | None:
+def _of_target_kind(layer: keras.layers.Layer) -> bool:
+    """What `targets=None` chooses: `default_targets`'s layers and the deliberate starts it leaves out."""
+    return isinstance(layer, TARGET_CLASSES)
+
+
+def _skip_reason(layer: keras.layers.Layer, keep_deliberate_start: bool) -> str | None:
     if not layer.built:  # a layer the model holds but never calls (an auxiliary head) has no kernel to read
         return NEVER_BUILT_REASON
     if not layer.trainable:
@@ -246,6 +294,8 @@ def _skip_reason(layer: keras.layers.Layer) -> str | None:
     weights = {id(w) for w in layer.weights}
     if not all(id(k) in weights for k in Target(layer).kernels):
         return "the kernel is not a plain variable"
+    if keep_deliberate_start and is_deliberate_start(layer):
+        return DELIBERATE_START_REASON
     return None
 
 

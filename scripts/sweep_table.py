@@ -42,8 +42,9 @@ def outcome(entry, test):
 
 
 def cells(found):
-    """The targets, converged and notes cells of one model on one backend."""
+    """The targets, converged, kernel params reached and notes cells of one model on one backend."""
     init = found.get("init")
+    reached = "–" if init is None or init.get("coverage") is None else f"{init['coverage']:.1%}"
     if init is None or "targets" not in init:
         targets = converged = "–"
     else:
@@ -57,22 +58,26 @@ def cells(found):
         weights = ", ".join(f"{name} ({count})" for name, count in sorted(init["untargeted"].items()))
         notes.append(f"weights that are no target's: {weights}")
     notes += [text for text in (outcome(init, "lsuv_init"), outcome(found.get("fit"), "fit")) if text]
-    return targets, converged, "; ".join(notes)
+    return targets, converged, reached, "; ".join(notes)
 
 
 def table(cases):
     """The markdown table: a row per model and group of backends with the same cells, in the sweep's order."""
     order = list(dict.fromkeys(case for case, _ in cases))
-    rows = ["| Model | Source | Backend | Targets | Converged / measured | Notes |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| Model | Source | Backend | Targets | Converged / measured | Kernel params reached | Notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for case in order:
         groups = {}
         for backend in BACKENDS:
             if (case, backend) in cases:
                 groups.setdefault(cells(cases[case, backend]), []).append(backend)
         source = next(cases[case, b]["source"] for b in BACKENDS if (case, b) in cases)
-        for (targets, converged, notes), backends in groups.items():
+        for (targets, converged, reached, notes), backends in groups.items():
             where = "all" if len(backends) == len(BACKENDS) else ", ".join(SHORT[b] for b in backends)
-            rows.append(f"| {case} | {source} | {where} | {targets} | {converged} | {notes.replace('|', '/')} |")
+            notes = notes.replace("|", "/")
+            rows.append(f"| {case} | {source} | {where} | {targets} | {converged} | {reached} | {notes} |")
     return "\n".join(rows)
 
 

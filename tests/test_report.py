@@ -90,6 +90,8 @@ def test_from_dict_follows_the_dataclass_fields():
         "skipped_reason",
         "residual",
         "merges",
+        "uncovered",
+        "coverage",
     }
     assert set(data["records"][0]) == {
         "name",
@@ -130,6 +132,9 @@ def test_from_dict_follows_the_dataclass_fields():
         ({"merges": [None]}, r"merges\[0\] must be a dict; got None"),
         ({"merges": [{"name": "add", "scal": 1.0}]}, r"merges\[0\] has unknown keys \['scal'\]"),
         ({"merges": [{"scale": 1.0}]}, r"merges\[0\] lacks the key 'name'"),
+        ({"uncovered": {"name": "lstm_cell"}}, r"'uncovered' must be a list of dicts, one per layer.*\(dict\)"),
+        ({"uncovered": [None]}, r"uncovered\[0\] must be a dict; got None"),
+        ({"uncovered": [{"name": "lstm_cell"}]}, r"uncovered\[0\] lacks the keys \['class_name'\]"),
     ],
 )
 def test_from_dict_rejects_what_is_not_a_report(data, message):

@@ -366,6 +366,7 @@ def _check_lsuv_init(case, result, **options):
         converged=sum(r.converged for r in measured),
         unmeasured=unmeasured_by_reason(report, case),
         untargeted=untargeted_kernels(model),
+        coverage=report.coverage,
     )
     assert_no_attribute_left(attributes)
     for weight, value in others.values():
@@ -445,7 +446,14 @@ def test_the_docs_table_groups_equal_backends_and_replaces_only_what_lies_betwee
             with recorded(entries, case, kind) as entry:
                 entry["backend"] = backend
                 if kind == "init":
-                    entry.update(targets=4, measured=3, converged=converged, unmeasured={"frozen": 1}, untargeted={})
+                    entry.update(
+                        targets=4,
+                        measured=3,
+                        converged=converged,
+                        unmeasured={"frozen": 1},
+                        untargeted={},
+                        coverage=0.875,
+                    )
         (tmp_path / f"{backend}.json").write_text(json.dumps(entries))
     page = tmp_path / "page.md"
     page.write_text(f"before\n{sweep_table.START}\nold table\n{sweep_table.END}\nafter\n")
@@ -453,8 +461,8 @@ def test_the_docs_table_groups_equal_backends_and_replaces_only_what_lies_betwee
     text = page.read_text()
     assert text.startswith(f"before\n{sweep_table.START}\n") and text.endswith(f"{sweep_table.END}\nafter\n")
     assert "old table" not in text
-    assert "| Toy | keras.io | TF, JAX | 4 | 3 / 3 (1 frozen: skipped) | a limit |" in text
-    assert "| Toy | keras.io | torch | 4 | 2 / 3 (1 frozen: skipped) | a limit |" in text
+    assert "| Toy | keras.io | TF, JAX | 4 | 3 / 3 (1 frozen: skipped) | 87.5% | a limit |" in text
+    assert "| Toy | keras.io | torch | 4 | 2 / 3 (1 frozen: skipped) | 87.5% | a limit |" in text
     page.write_text("no markers\n")
     with pytest.raises(SystemExit, match="markers"):
         sweep_table.main([str(tmp_path), str(page)])

@@ -95,12 +95,17 @@ class Target:
     def measured(self, z: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The part of the pre-activation `z` of a call with `args`/`kwargs` that LSUV measures.
 
-        All of it, but for an `Embedding` with `mask_zero=True`: the positions of token 0 (padding) are left out,
-        as the layers after it leave them out through the mask. The ids are read to the host to select the rest.
+        All of it, but for a lookup of an `Embedding` with `mask_zero=True`: the positions of token 0 (padding) are
+        left out, as the layers after it leave them out through the mask. The ids are read to the host to select
+        the rest. A lookup is a call whose output is its first argument's shape plus the vector axis; a
+        `ReversibleEmbedding`'s `reverse=True` call (hidden states to logits over the vocabulary) reads no ids, so
+        its output is measured whole.
         """
         if not (self.is_embedding and getattr(self.layer, "mask_zero", False)):
             return z
         ids = args[0] if args else kwargs["inputs"]
+        if tuple(ids.shape) != tuple(z.shape[:-1]):  # not a lookup: no ids, no mask
+            return z
         keep = np.flatnonzero(np.asarray(ops.convert_to_numpy(ids)).reshape(-1) != 0)
         return ops.take(ops.reshape(z, (-1, z.shape[-1])), keep, axis=0)
 

@@ -136,3 +136,37 @@ def test_an_embedding_with_a_mask_is_measured_where_the_mask_lets_tokens_through
     vectors = keras.ops.convert_to_numpy(model.get_layer("tokens")(x))
     assert abs(np.var(vectors[x != 0]) - 1.0) < 0.1
     assert np.var(vectors) < 0.6  # over every position, padding included, the scale would be another
+
+
+ReversibleEmbedding = getattr(keras.layers, "ReversibleEmbedding", None)  # Keras 3.12+; keras-hub's subclasses it
+needs_reversible_embedding = pytest.mark.skipif(ReversibleEmbedding is None, reason="Keras < 3.12")
+
+
+def tied_token_model(normalized):
+    """ids -> ReversibleEmbedding(mask_zero=True) -> Dense -> the same embedding with `reverse=True` (logits over the
+    vocabulary through its matrix), with a LayerNormalization before the logits if `normalized`."""
+    ids = keras.Input((12,), dtype="int32")
+    embedding = ReversibleEmbedding(20, 32, mask_zero=True, name="tokens")
+    h = keras.layers.Dense(32, activation="relu")(embedding(ids))
+    if normalized:
+        h = keras.layers.LayerNormalization()(h)
+    return keras.Model(ids, embedding(h, reverse=True))
+
+
+@needs_reversible_embedding
+@pytest.mark.parametrize("normalized", [True, False])
+def test_a_tied_reversible_embedding_is_measured_over_its_lookup_less_padding_and_its_logits(normalized):
+    model = tied_token_model(normalized)
+    x = np.random.default_rng(0).integers(1, 20, size=(64, 12)).astype("int32")
+    x[:, 6:] = 0  # half of every sequence is padding
+    model(x[:2])
+    table = model.get_layer("tokens").embeddings
+    values = keras.ops.convert_to_numpy(table).copy()
+    values[0] = 0.0  # a zero vector for padding: counting it would lower the lookup's variance by half
+    table.assign(values)
+    # The oracle leaves the padding out of the lookup's vectors and measures the logits whole, over both calls.
+    report = zoo.initialize_and_check(model, x, warned=[], targets=with_embeddings)
+    record = report[model.get_layer("tokens")]
+    assert not record.skipped and record.final_variance is not None
+    if normalized:  # the logits scale with the matrix once: LSUV's loop converges
+        assert record.converged

@@ -179,6 +179,7 @@ def find_targets(model: keras.layers.Layer, select: Callable[[keras.layers.Layer
         select: `layer -> bool`, called once on every layer but the `InputLayer`s; `default_targets` if `None`.
 
     Raises:
+        TypeError: If `select` returns anything but a bool (Python's or NumPy's) for a layer.
         ValueError: If `select` chooses a layer of a kind LSUV cannot initialize.
     """
     select = select or default_targets
@@ -187,7 +188,14 @@ def find_targets(model: keras.layers.Layer, select: Callable[[keras.layers.Layer
         if id(layer) in seen or isinstance(layer, layers.InputLayer):  # an input is no layer to choose
             continue
         seen.add(id(layer))
-        if not select(layer):
+        chosen = select(layer)
+        if not isinstance(chosen, (bool, np.bool_)):
+            raise TypeError(
+                f"targets must return a bool for each layer, but returned {chosen!r:.80} ({type(chosen).__name__}) "
+                f"for layer '{layer.name}' ({type(layer).__name__}). Return True to choose the layer, e.g. "
+                "`lambda layer: keras_lsuv.default_targets(layer) and layer.name != 'logits'`."
+            )
+        if not chosen:
             continue
         if not isinstance(layer, TARGET_CLASSES + EMBEDDINGS):
             kinds = ", ".join(cls.__name__ for cls in TARGET_CLASSES + EMBEDDINGS)
@@ -198,6 +206,13 @@ def find_targets(model: keras.layers.Layer, select: Callable[[keras.layers.Layer
             )
         targets.append(Target(layer, _skip_reason(layer)))
     return targets
+
+
+def targets_inside(layer: keras.layers.Layer, targets: list[Target]) -> list[Target]:
+    """The targets among `targets` whose layer is inside `layer` (a sub-layer of a composite layer or nested model),
+    found without calling `targets=` again."""
+    inside = {id(sublayer) for sublayer in _walk(layer)}
+    return [target for target in targets if id(target.layer) in inside]
 
 
 def read_biases(targets: list[Target]) -> None:

@@ -76,6 +76,48 @@ def test_a_chosen_layer_lsuv_cannot_initialize_is_named_before_anything_changes(
         np.testing.assert_array_equal(a, b)
 
 
+def attention_model():
+    inputs = keras.Input((4, 8))
+    h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, name="mha")(inputs, inputs)
+    h = keras.layers.Dense(8, activation="relu", name="hidden")(keras.layers.LayerNormalization()(h))
+    return keras.Model(inputs, keras.layers.Dense(3, name="logits")(h))
+
+
+@pytest.mark.parametrize("engine", ["single_pass", "submodel"])
+def test_targets_is_called_exactly_once_on_every_layer(engine):
+    model = attention_model()
+    x = zoo.batch_for(model)
+    calls = []
+
+    def select(layer):  # the attention's projections are EinsumDense: left out, so the submodel engine can run
+        calls.append(layer)
+        return isinstance(layer, keras.layers.Dense)
+
+    report = zoo.run(model, x, targets=select, engine=engine)
+    assert [r.name for r in report.records] == ["hidden", "logits"]
+    every = zoo.target_layers(model, lambda layer: not isinstance(layer, keras.layers.InputLayer))
+    assert any(layer.name == "query" for layer in every)  # the sub-layers of the attention are layers to choose
+    assert sorted(id(layer) for layer in calls) == sorted(id(layer) for layer in every)  # each once
+
+
+@pytest.mark.parametrize("engine", ["single_pass", "submodel"])
+@pytest.mark.parametrize("result", ["hidden", np.array([True]), None, 1], ids=["str", "array", "None", "int"])
+def test_targets_returning_anything_but_a_bool_is_a_type_error_before_any_weight_changes(result, engine):
+    model = classifier()
+    before = zoo.weights_of(model)
+    with pytest.raises(TypeError, match=r"targets must return a bool for each layer, .* for layer 'hidden' \(Dense\)"):
+        zoo.run(model, zoo.batch_for(model), engine=engine, targets=lambda layer: result)
+    for a, b in zip(before, zoo.weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_targets_may_return_a_numpy_bool():
+    model = classifier()
+    x = zoo.batch_for(model)
+    report = zoo.initialize_and_check(model, x, targets=lambda layer: np.bool_(layer.name == "more"))
+    assert [r.name for r in report.records] == ["more"]
+
+
 def test_default_targets_is_what_targets_none_chooses():
     model = classifier()
     chosen = [t.layer for t in find_targets(model, keras_lsuv.default_targets)]

@@ -115,8 +115,13 @@ class Target:
 
         Then scaling the kernel by `s` scales `L` by `s`, so the effect of a
         rescale is known without calling the layer again. A subclass with its
-        own `call` may be anything, so it is re-evaluated instead.
+        own `call` may be anything, so it is re-evaluated instead; so is a
+        `ReversibleEmbedding` whose `reverse=True` call caps its logits
+        (`logit_soft_cap`, a `tanh`) or computes them from a matrix of their
+        own (`tie_weights=False`), which the embedding's scale does not reach.
         """
+        if getattr(self.layer, "logit_soft_cap", None) is not None or getattr(self.layer, "tie_weights", True) is False:
+            return False
         return bool(type(self.layer).call.__module__.startswith("keras."))
 
     def skipped_record(self, reason: str | None = None) -> LayerRecord:

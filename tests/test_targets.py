@@ -212,3 +212,14 @@ def test_a_tied_reversible_embedding_is_measured_over_its_lookup_less_padding_an
     assert not record.skipped and record.final_variance is not None
     if normalized:  # the logits scale with the matrix once: LSUV's loop converges
         assert record.converged
+
+
+@needs_reversible_embedding
+@pytest.mark.parametrize("options", [{"logit_soft_cap": 2.0}, {"tie_weights": False}], ids=["soft_cap", "untied"])
+def test_a_reversible_embedding_whose_logits_do_not_scale_with_its_matrix_is_measured_again(options):
+    ids = keras.Input((12,), dtype="int32")
+    h = keras.layers.Dense(32)(keras.layers.Embedding(20, 32)(ids))
+    logits = ReversibleEmbedding(20, 32, name="tokens", **options)(keras.layers.LayerNormalization()(h), reverse=True)
+    model = keras.Model(ids, logits)  # only its reverse call: a tanh cap, or a matrix of its own
+    x = np.random.default_rng(0).integers(1, 20, size=(64, 12)).astype("int32")
+    zoo.initialize_and_check(model, x, warned=[], targets=with_embeddings)  # each converged record measures so

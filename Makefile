@@ -65,19 +65,29 @@ multiprocess: $(STAMP)
 	KERAS_BACKEND=jax $(BIN)/python -m pytest tests/multiprocess -p no:cacheprovider -q
 	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest tests/multiprocess -p no:cacheprovider -q
 
-# Builds the wheel and sdist, installs the wheel into a fresh venv and imports it there.
+# Imports keras_lsuv from the smoke venv (run in build/, so not from the checkout) and draws one kernel.
+SMOKE_TEST = cd build && KERAS_BACKEND=jax smoke/bin/python -c "import keras_lsuv, keras; \
+	assert '/build/smoke/' in keras_lsuv.__file__, keras_lsuv.__file__; \
+	w = keras.ops.convert_to_numpy(keras_lsuv.Orthonormal(seed=0)((8, 4))); \
+	assert abs((w.T @ w) - __import__('numpy').eye(4)).max() < 1e-5; \
+	print('smoke test: keras_lsuv', keras_lsuv.__version__, 'from', keras_lsuv.__file__)"
+
+# Builds the wheel and sdist; in a fresh venv, runs the README's install line as written, then installs the wheel
+# over it, importing the package after each.
 package: $(STAMP)
 	rm -rf dist build/smoke && mkdir -p build
 	$(BIN)/python -m build --outdir dist . > build/package.log 2>&1 || (cat build/package.log; exit 1)
 	# Metadata and README rendering, checked as PyPI would.
 	$(BIN)/twine check --strict dist/*
 	$(PYTHON) -m venv build/smoke
-	# With its [jax] extra, the lightest of the three backends to install.
-	build/smoke/bin/python -m pip install -q -c requirements/constraints.txt "$$(ls dist/*.whl)[jax]"
-	cd build && KERAS_BACKEND=jax smoke/bin/python -c "import keras_lsuv, keras; \
-		w = keras.ops.convert_to_numpy(keras_lsuv.Orthonormal(seed=0)((8, 4))); \
-		assert abs((w.T @ w) - __import__('numpy').eye(4)).max() < 1e-5; \
-		print('wheel smoke test: keras_lsuv', keras_lsuv.__version__, 'from', keras_lsuv.__file__)"
+	# The README's install line (its [jax] extra: the lightest of the three backends), verbatim, from the
+	# repository root with the smoke venv's pip first on PATH and the versions requirements/constraints.txt pins.
+	line="$$($(BIN)/python scripts/readme_install.py README.md)" && echo "README: $$line" && \
+		PATH="$(CURDIR)/build/smoke/bin:$$PATH" PIP_CONSTRAINT="$(CURDIR)/requirements/constraints.txt" PIP_QUIET=1 \
+		sh -c "$$line"
+	$(SMOKE_TEST)
+	build/smoke/bin/python -m pip install -q --no-deps --force-reinstall "$$(ls dist/*.whl)"
+	$(SMOKE_TEST)
 
 # The unit suite in a fresh venv holding the lowest keras, numpy and MIN_BACKEND versions setup.cfg declares
 # (installed from PyPI): fails the moment a lower bound stops being true. The test tools are not pinned; the files

@@ -281,9 +281,11 @@ class Orthonormal(keras.initializers.Initializer):
 
 
 # `register_keras_serializable` stores the class as "keras_lsuv>Orthonormal",
-# which loads saved models; the bare alias makes `kernel_initializer=
-# "orthonormal"` work. Both are needed.
-keras.saving.get_custom_objects()["orthonormal"] = Orthonormal
+# which loads saved models; the bare aliases make `kernel_initializer=
+# "orthonormal"` and `keras.initializers.get("Orthonormal")` (or a config
+# `{"class_name": "Orthonormal", ...}`) work, as both spellings do for Keras's
+# own initializers. All are needed.
+keras.saving.get_custom_objects().update(orthonormal=Orthonormal, Orthonormal=Orthonormal)
 
 
 def redraw_orthonormal(targets: Sequence[Target], seed: int | None = None) -> None:

@@ -95,12 +95,17 @@ class Target:
     def measured(self, z: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The part of the pre-activation `z` of a call with `args`/`kwargs` that LSUV measures.
 
-        All of it, but for an `Embedding` with `mask_zero=True`: the positions of token 0 (padding) are left out,
-        as the layers after it leave them out through the mask. The ids are read to the host to select the rest.
+        All of it, but for a lookup of an `Embedding` with `mask_zero=True`: the positions of token 0 (padding) are
+        left out, as the layers after it leave them out through the mask. The ids are read to the host to select
+        the rest. A lookup is a call whose output is its first argument's shape plus the vector axis; a
+        `ReversibleEmbedding`'s `reverse=True` call (hidden states to logits over the vocabulary) reads no ids, so
+        its output is measured whole.
         """
         if not (self.is_embedding and getattr(self.layer, "mask_zero", False)):
             return z
         ids = args[0] if args else kwargs["inputs"]
+        if tuple(ids.shape) != tuple(z.shape[:-1]):  # not a lookup: no ids, no mask
+            return z
         keep = np.flatnonzero(np.asarray(ops.convert_to_numpy(ids)).reshape(-1) != 0)
         return ops.take(ops.reshape(z, (-1, z.shape[-1])), keep, axis=0)
 
@@ -110,8 +115,13 @@ class Target:
 
         Then scaling the kernel by `s` scales `L` by `s`, so the effect of a
         rescale is known without calling the layer again. A subclass with its
-        own `call` may be anything, so it is re-evaluated instead.
+        own `call` may be anything, so it is re-evaluated instead; so is a
+        `ReversibleEmbedding` whose `reverse=True` call caps its logits
+        (`logit_soft_cap`, a `tanh`) or computes them from a matrix of their
+        own (`tie_weights=False`), which the embedding's scale does not reach.
         """
+        if getattr(self.layer, "logit_soft_cap", None) is not None or getattr(self.layer, "tie_weights", True) is False:
+            return False
         return bool(type(self.layer).call.__module__.startswith("keras."))
 
     def skipped_record(self, reason: str | None = None) -> LayerRecord:
@@ -212,6 +222,7 @@ def find_targets(model: keras.layers.Layer, select: Callable[[keras.layers.Layer
             `DELIBERATE_START_REASON` (so that the report says why they keep their weights).
 
     Raises:
+        TypeError: If `select` returns anything but a bool (Python's or NumPy's) for a layer.
         ValueError: If `select` chooses a layer of a kind LSUV cannot initialize.
     """
     keep_deliberate_starts = select is None
@@ -221,7 +232,14 @@ def find_targets(model: keras.layers.Layer, select: Callable[[keras.layers.Layer
         if id(layer) in seen or isinstance(layer, layers.InputLayer):  # an input is no layer to choose
             continue
         seen.add(id(layer))
-        if not select(layer):
+        chosen = select(layer)
+        if not isinstance(chosen, (bool, np.bool_)):
+            raise TypeError(
+                f"targets must return a bool for each layer, but returned {chosen!r:.80} ({type(chosen).__name__}) "
+                f"for layer '{layer.name}' ({type(layer).__name__}). Return True to choose the layer, e.g. "
+                "`lambda layer: keras_lsuv.default_targets(layer) and layer.name != 'logits'`."
+            )
+        if not chosen:
             continue
         if not isinstance(layer, TARGET_CLASSES + EMBEDDINGS):
             kinds = ", ".join(cls.__name__ for cls in TARGET_CLASSES + EMBEDDINGS)
@@ -232,6 +250,13 @@ def find_targets(model: keras.layers.Layer, select: Callable[[keras.layers.Layer
             )
         targets.append(Target(layer, _skip_reason(layer, keep_deliberate_starts)))
     return targets
+
+
+def targets_inside(layer: keras.layers.Layer, targets: list[Target]) -> list[Target]:
+    """The targets among `targets` whose layer is inside `layer` (a sub-layer of a composite layer or nested model),
+    found without calling `targets=` again."""
+    inside = {id(sublayer) for sublayer in _walk(layer)}
+    return [target for target in targets if id(target.layer) in inside]
 
 
 def read_biases(targets: list[Target]) -> None:

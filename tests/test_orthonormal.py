@@ -128,9 +128,24 @@ def test_string_alias_builds_a_layer_with_orthonormal_kernel():
     assert_orthonormal(as_matrix(layer.kernel))
 
 
-def test_model_round_trips_through_keras_file(tmp_path):
+@pytest.mark.parametrize(
+    "identifier",
+    ["orthonormal", "Orthonormal", {"class_name": "Orthonormal", "config": {"gain": 2.0, "seed": 3}}],
+    ids=["snake_case", "class_name", "config"],
+)
+def test_keras_initializers_get_takes_each_spelling_keras_takes_for_its_own(identifier):
+    for keras_own in ("orthogonal", "Orthogonal", {"class_name": "Orthogonal", "config": {"gain": 2.0, "seed": 3}}):
+        assert isinstance(keras.initializers.get(keras_own), keras.initializers.Orthogonal)
+    initializer = keras.initializers.get(identifier)
+    assert isinstance(initializer, keras_lsuv.Orthonormal)
+    gain = identifier["config"]["gain"] if isinstance(identifier, dict) else 1.0
+    assert_orthonormal(as_matrix(initializer((9, 6))), gain=gain)
+
+
+@pytest.mark.parametrize("spelling", ["orthonormal", "Orthonormal"])
+def test_model_round_trips_through_keras_file(tmp_path, spelling):
     inputs = keras.Input((12,))
-    outputs = keras.layers.Dense(6, kernel_initializer="orthonormal")(inputs)
+    outputs = keras.layers.Dense(6, kernel_initializer=spelling)(inputs)
     hidden = keras.layers.Dense(4, kernel_initializer=keras_lsuv.Orthonormal(gain=3.0, seed=1))(outputs)
     model = keras.Model(inputs, hidden)
     path = tmp_path / "m.keras"
@@ -142,6 +157,18 @@ def test_model_round_trips_through_keras_file(tmp_path):
             keras.ops.convert_to_numpy(original.kernel), keras.ops.convert_to_numpy(restored.kernel)
         )
     assert loaded.layers[2].kernel_initializer.gain == 3.0
+
+
+def test_loading_a_model_that_uses_orthonormal_without_keras_lsuv_registered_fails_as_the_guide_says(
+    tmp_path, monkeypatch
+):
+    inputs = keras.Input((12,))
+    model = keras.Model(inputs, keras.layers.Dense(6, kernel_initializer="orthonormal")(inputs))
+    model.save(tmp_path / "m.keras")
+    for name in ("keras_lsuv>Orthonormal", "orthonormal", "Orthonormal"):  # as before `import keras_lsuv`
+        monkeypatch.delitem(keras.saving.get_custom_objects(), name, raising=False)
+    with pytest.raises(TypeError, match="Could not interpret initializer identifier: .*'class_name': 'Orthonormal'"):
+        keras.models.load_model(tmp_path / "m.keras")
 
 
 @settings(max_examples=15, deadline=None)

@@ -156,9 +156,9 @@ def preactivations(model, x, select=None):
     Independent of the engines: the pass records the inputs of every eager call of each target, then each
     recorded call is evaluated again through `layer(...)` (so with the layer's own dtype policy) with its
     activation replaced by the identity (written to the instance's `__dict__`, so that a Keras layer used as an
-    activation works on torch too), and the variance is taken over all the calls' outputs together. Calls inside
-    JAX control flow (tracers), a TF graph or torch's vmap are not recorded. Layers are keys, never names (Keras
-    allows equal names).
+    activation works on torch too), less the padding of an `Embedding` with `mask_zero=True` (`unmasked`), and the
+    variance is taken over all the calls' outputs together. Calls inside JAX control flow (tracers), a TF graph or
+    torch's vmap are not recorded. Layers are keys, never names (Keras allows equal names).
     """
     captured = {}
     targets = target_layers(model, select)
@@ -179,7 +179,8 @@ def preactivations(model, x, select=None):
         state["activation"] = keras.activations.linear
         try:
             for args, kwargs in captured[id(layer)]:
-                outputs.append(keras.ops.convert_to_numpy(layer(*args, **kwargs)).astype("float64"))
+                output = keras.ops.convert_to_numpy(layer(*args, **kwargs)).astype("float64")
+                outputs.append(unmasked(layer, args, kwargs, output))
         finally:
             if had_own:
                 state["activation"] = own
@@ -187,6 +188,17 @@ def preactivations(model, x, select=None):
                 del state["activation"]
         found[layer] = outputs
     return found
+
+
+def unmasked(layer, args, kwargs, output):
+    """What the layers after an `Embedding` with `mask_zero=True` see of the output of its call with `args`/`kwargs`:
+    the vectors of the tokens that are not padding (token 0), as rows. A `ReversibleEmbedding`'s `reverse=True`
+    call maps hidden states to logits and has no mask: whole, as any other layer's output."""
+    reverse = kwargs.get("reverse", args[1] if len(args) > 1 else False)
+    if not (isinstance(layer, layers.Embedding) and layer.mask_zero) or reverse:
+        return output
+    ids = keras.ops.convert_to_numpy(args[0] if args else kwargs["inputs"])
+    return output[ids != 0]
 
 
 def output_variances(model, x, operations, training=False):

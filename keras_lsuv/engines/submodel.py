@@ -19,7 +19,7 @@ from keras_lsuv.report import LayerRecord, MergeRecord
 from keras_lsuv.rescale import ScaleLimit, find_scale, float32_copy, write_kernel
 from keras_lsuv.residual import Merge
 from keras_lsuv.statistics import Moments, moments, variance
-from keras_lsuv.targets import Target, find_targets, without_activation
+from keras_lsuv.targets import Target, targets_inside, without_activation
 
 
 def run_submodel(
@@ -56,7 +56,7 @@ def run_submodel(
                 record = records[target] = _rescale_with_submodel(target, graph, graph_batch, options)
                 if not record.skipped:
                     on_record(record)
-            elif inside := find_targets(layer, options.targets):
+            elif inside := targets_inside(layer, targets):
                 inner = inside[0].layer
                 raise ValueError(
                     f"engine='submodel' cannot reach layer '{inner.name}' inside '{layer.name}' "

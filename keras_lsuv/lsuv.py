@@ -86,7 +86,9 @@ def lsuv_init(model: keras.Model, x: Any, **options: Any) -> LSUVReport:
             non-finite. The model's weights are unchanged then. Under several
             processes, a bad batch in any process raises the same error in
             every process.
-        TypeError: For a keyword that is not an option.
+        TypeError: For a keyword that is not an option, or a `targets`
+            callable that returns something other than a bool (naming the
+            layer); the weights are unchanged then.
     """
     report: LSUVReport = run_lsuv(model, x, LSUVOptions(**options))
     return report

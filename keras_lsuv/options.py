@@ -98,7 +98,8 @@ class LSUVOptions:
             `Embedding` layers, whose matrix is then scaled so that their
             vectors have unit variance on the batch (padding left out with
             `mask_zero`). A selected layer of any other kind is a `ValueError`
-            naming it, before anything changes.
+            naming it, and a result that is not a bool a `TypeError` naming
+            the layer, before anything changes.
         residual: `None` (default) for the paper's LSUV, each layer on its own;
             `"stream"` for residual-aware LSUV: at each merge `Add([stream,
             branch])` of a Functional graph (an `Add` layer or `x + y`), the

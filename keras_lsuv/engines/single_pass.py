@@ -38,7 +38,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lsuv.centering import Centering, channel_groups, find_centered_scale, is_centered, with_means
+from keras_lsuv.centering import (
+    NO_BIAS_REASON,
+    Centering,
+    channel_groups,
+    find_centered_scale,
+    is_centered,
+    with_means,
+)
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.interception import intercepted_calls, is_traced
 from keras_lsuv.options import LSUVOptions
@@ -429,25 +436,26 @@ class _SinglePass:
             record = state.record
             assert record is not None
             value = stats.variance()
-            converged = abs(value - goal) < tolerance
-            reason = record.reason
+            within, centered = abs(value - goal) < tolerance, self._centered(state, measured)
+            converged, reason = within and centered, record.reason
             if state.merged:  # its variance is its merge's to set: it holds if it stayed where the merge left it
                 assert record.final_variance is not None
                 converged = record.converged and abs(value - record.final_variance) < tolerance
                 if record.converged and not converged:
                     reason = f"its variance moves to {value:.3g} as layers after it are rescaled, after its merge"
-            elif record.converged and not converged:
+            elif record.converged and not within:
                 reason = (
                     f"its variance moves to {value:.3g} as layers after it are rescaled (a layer feeding its own later "
                     f"calls, such as a block shared along a chain): not within tolerance after {sweeps} sweeps"
                 )
-            elif record.converged and not self._centered(state, measured):
-                converged = False
+            elif record.converged and not centered:
                 reason = (
                     f"its channel means move to up to {np.max(np.abs(stats.mean)):.3g} as layers after it are "
                     "rescaled (a layer feeding its own later calls, such as a block shared along a chain): not "
                     f"centered after {sweeps} sweeps"
                 )
+            elif converged and not record.converged:  # what kept it off holds no more
+                reason = NO_BIAS_REASON if self.center and not state.target.has_bias else None
             mean = None if record.final_mean is None else stats.grand_mean
             state.record = dataclasses.replace(
                 record, final_variance=value, final_mean=mean, converged=converged, reason=reason
@@ -498,7 +506,7 @@ class _SinglePass:
         when every channel's mean measured in `measured` is still near zero."""
         if not (self.center and state.target.has_bias):
             return True
-        return is_centered(measured[state], self.criterion)
+        return is_centered(state.target, measured[state], self.criterion)
 
     def _finish(self, state: LayerState, record: LayerRecord) -> None:
         state.status, state.record, state.original = Status.FINAL, record, None
@@ -625,7 +633,8 @@ class _SinglePass:
             Centering.of(target, before, bias).write(record.scale)
             means = ops.reshape(ops.convert_to_tensor(before.mean.astype("float32")), groups)
             output = ops.multiply(ops.subtract(z, means), record.scale)
-        state.record = with_means(target, record, before, moments(target.measured(output, args, kwargs)))
+        after = moments(target.measured(output, args, kwargs), groups)
+        state.record = with_means(target, record, before, after, self.criterion)
         return activation(ops.cast(output, dtype))
 
     def _rescale_by_reevaluation(

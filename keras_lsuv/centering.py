@@ -7,8 +7,8 @@ engines find the scale from the same one reduction as plain LSUV (`Moments.cente
 evaluated again at each scale tried (a `call` of its own, float16, several calls per pass, the sub-model engine) gets
 that bias written at each scale (`find_centered_scale`) and measured; where the means have not followed (a `call`
 that adds the bias with a gain other than 1 or not affinely, a shared layer feeding its own later calls) the bias
-of each channel still off is corrected by its measured mean over its gain, `d mean / d bias`: 1 at first (fastai's
-`bias -= mean`), then the secant through the last two biases and means (`Centering.corrected`). A record is
+of each channel still off is corrected by its measured mean over the gain, `d mean / d bias`: 1 at first (fastai's
+`bias -= mean`), then the secant through the last two biases and means, one for the layer (`center_at`). A record is
 converged only if every channel's mean measured last is within `mean_tolerance` of its layer's compute dtype
 (`with_means`); otherwise it says "not centered" and why.
 """
@@ -35,7 +35,7 @@ NO_BIAS_REASON = "no bias: scaled only, not centered"
 # standard deviations (a channel whose mean before centering is 2.5 times its spread).
 MEAN_TOLERANCES = {"bfloat16": 5e-2}
 MEAN_TOLERANCE = 1e-2  # every other dtype: float16, float32, float64
-# Below this |d mean / d bias|, a channel's bias is taken not to move its mean (it is not corrected further).
+# Below this |d mean / d bias|, the bias is taken not to move the means (it is not corrected further).
 MIN_GAIN = 1e-3
 
 
@@ -194,8 +194,8 @@ def with_means(
     channel), and not converged where a channel's mean in `after` is beyond `mean_tolerance`.
 
     Args:
-        centering: The centering written last, if the bias was corrected by measure: its gains tell why a
-            channel could not be centered.
+        centering: The centering written last, if the bias was corrected by measure: its gain tells whether the
+            bias moves the means at all.
     """
     reason, converged = record.reason, record.converged
     if not target.has_bias and converged:

@@ -8,7 +8,8 @@ evaluated again at each scale tried (a `call` of its own, float16, several calls
 that bias written at each scale (`find_centered_scale`) and measured; where the means have not followed (a `call`
 that adds the bias with a gain other than 1 or not affinely, a shared layer feeding its own later calls) the bias
 of each channel still off is corrected by its measured mean over the gain, `d mean / d bias`: 1 at first (fastai's
-`bias -= mean`), then the secant through the last two biases and means, one for the layer (`center_at`). A record is
+`bias -= mean`), measured again (the secant through the last two biases and means, one for the layer) wherever a
+correction does not at least halve the largest mean (`center_at`). A record is
 converged only if every channel's mean measured last is within `mean_tolerance` of its layer's compute dtype
 (`with_means`); otherwise it says "not centered" and why.
 """
@@ -37,6 +38,8 @@ MEAN_TOLERANCES = {"bfloat16": 5e-2}
 MEAN_TOLERANCE = 1e-2  # every other dtype: float16, float32, float64
 # Below this |d mean / d bias|, the bias is taken not to move the means (it is not corrected further).
 MIN_GAIN = 1e-3
+# The gain is measured again where a correction left the largest channel mean above this fraction of what it was.
+SLOW_CORRECTION = 0.5
 
 
 def mean_tolerance(layer: keras.layers.Layer) -> float:
@@ -128,6 +131,10 @@ def center_at(
 ) -> tuple[Centering, Moments]:
     """Writes the centering's bias for `scale`, measures, and corrects the channels still off until every one is
     centered, none can move, or `max_iterations + 1` measures; returns the centering written last and its moments.
+
+    The gain is measured again (`Centering.measured_gain`) only where a correction left the largest mean above
+    `SLOW_CORRECTION` of what it was: where the channels' means depend on each other's biases (a block shared along
+    a chain), the measured gain varies from step to step, and `bias -= mean` does better while it works.
     """
     target, earlier = centering.target, None
     for _ in range(criterion.max_iterations + 1):
@@ -136,12 +143,16 @@ def center_at(
         off = off_center(target, measured, criterion)
         if not np.any(off) or not np.all(np.isfinite(measured.mean)):
             break
-        if earlier is not None:
+        if earlier is not None and _largest(measured.mean) > SLOW_CORRECTION * _largest(earlier[1]):
             centering = centering.measured_gain(scale, *earlier, measured.mean)
         if not centering.moves_means:
             break
         earlier, centering = (centering, measured.mean), centering.corrected(measured, scale, off)
     return centering, measured
+
+
+def _largest(means: np.ndarray) -> float:
+    return float(np.max(np.abs(means)))
 
 
 def find_centered_scale(

@@ -39,7 +39,15 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lsuv.centering import Centering, channel_groups, find_centered_scale, is_centered, with_means
+from keras_lsuv.centering import (
+    NO_BIAS_REASON,
+    Centering,
+    center_at,
+    channel_groups,
+    find_centered_scale,
+    is_centered,
+    with_means,
+)
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.interception import intercepted_calls, is_traced
 from keras_lsuv.options import LSUVOptions
@@ -432,9 +440,13 @@ class _SinglePass:
         So every final layer is measured again over all its calls in one forward pass; those that were converged
         and have left the tolerance are rescaled again, in processing order, by passes (a Gauss-Seidel sweep of the
         paper's loop), and so are those whose channel means moved off zero with `center=True`; at most
-        `max_iterations` sweeps. Each record then gives the variance (and mean) measured last, and says where they
-        are not within tolerance. (Subtracting the measured means from all biases at once instead diverges on a
-        chain of shared layers: each bias moves the means of the layers after it, in every call.)
+        `max_iterations` sweeps. A layer a merge scaled with its residual branch (`LayerState.merged`) keeps its
+        kernel, whose scale is its merge's, and has only its bias centered again where its means moved: the merge
+        scaled its kernel and bias together, so the bias moves its channel means, not the spread the merge set (the
+        merge's variance is measured again with the others). Each record then gives the variance (and mean) measured
+        last, and says where they are not within tolerance. (Subtracting the measured means from all biases at once
+        instead diverges on a chain of shared layers: each bias moves the means of the layers after it, in every
+        call.)
         """
         goal, tolerance = self.criterion.target_variance, self.criterion.tolerance
         sweeps = 0
@@ -443,49 +455,60 @@ class _SinglePass:
             settled = [
                 state
                 for state in self.reached
-                if state in measured and state.record is not None and state.record.converged and not state.merged
+                if state in measured and state.record is not None and state.record.converged
             ]
             moved = [
                 state
                 for state in settled
-                if abs(measured[state].variance() - goal) >= tolerance or not self._centered(state, measured)
+                if (abs(measured[state].variance() - goal) >= tolerance and not state.merged)
+                or not self._centered(state, measured)
             ]
             if not moved or sweeps >= self.criterion.max_iterations:
                 break
             sweeps += 1
             for state in moved:
-                state.original = None  # rescaled from its kernel as it is now
-                again = self._rescale_by_passes(state)
+                state.original = None  # rescaled (or centered) from its kernel as it is now
+                if state.merged:
+                    self._recenter_by_passes(state)
+                else:
+                    again = self._rescale_by_passes(state)
+                    assert state.record is not None
+                    state.record = dataclasses.replace(
+                        state.record,
+                        scale=state.record.scale * again.scale,
+                        iterations=state.record.iterations + again.iterations,
+                    )
                 state.original = None
-                assert state.record is not None
-                state.record = dataclasses.replace(
-                    state.record,
-                    scale=state.record.scale * again.scale,
-                    iterations=state.record.iterations + again.iterations,
-                )
         for state, stats in measured.items():
             record = state.record
             assert record is not None
             value = stats.variance()
-            converged = abs(value - goal) < tolerance
-            reason = record.reason
+            within, centered = abs(value - goal) < tolerance, self._centered(state, measured)
+            converged, reason = within and centered, record.reason
             if state.merged:  # its variance is its merge's to set: it holds if it stayed where the merge left it
                 assert record.final_variance is not None
-                converged = record.converged and abs(value - record.final_variance) < tolerance
-                if record.converged and not converged:
+                stayed = abs(value - record.final_variance) < tolerance
+                converged = record.converged and stayed and centered
+                if record.converged and not stayed:
                     reason = f"its variance moves to {value:.3g} as layers after it are rescaled, after its merge"
-            elif record.converged and not converged:
+                elif record.converged and not centered:
+                    reason = (
+                        f"its channel means move to up to {np.max(np.abs(stats.mean)):.3g} as layers after it are "
+                        f"rescaled, after its merge: not centered after {sweeps} sweeps"
+                    )
+            elif record.converged and not within:
                 reason = (
                     f"its variance moves to {value:.3g} as layers after it are rescaled (a layer feeding its own later "
                     f"calls, such as a block shared along a chain): not within tolerance after {sweeps} sweeps"
                 )
-            elif record.converged and not self._centered(state, measured):
-                converged = False
+            elif record.converged and not centered:
                 reason = (
                     f"its channel means move to up to {np.max(np.abs(stats.mean)):.3g} as layers after it are "
                     "rescaled (a layer feeding its own later calls, such as a block shared along a chain): not "
                     f"centered after {sweeps} sweeps"
                 )
+            elif converged and not record.converged:  # what kept it off holds no more
+                reason = NO_BIAS_REASON if self.center and not state.target.has_bias else None
             mean = None if record.final_mean is None else stats.grand_mean
             state.record = dataclasses.replace(
                 record, final_variance=value, final_mean=mean, converged=converged, reason=reason
@@ -536,7 +559,7 @@ class _SinglePass:
         when every channel's mean measured in `measured` is still near zero."""
         if not (self.center and state.target.has_bias):
             return True
-        return is_centered(measured[state], self.criterion)
+        return is_centered(state.target, measured[state], self.criterion)
 
     def _finish(self, state: LayerState, record: LayerRecord) -> None:
         state.status, state.record, state.original = Status.FINAL, record, None
@@ -663,7 +686,8 @@ class _SinglePass:
             Centering.of(target, before, bias).write(record.scale)
             means = ops.reshape(ops.convert_to_tensor(before.mean.astype("float32")), groups)
             output = ops.multiply(ops.subtract(z, means), record.scale)
-        state.record = with_means(target, record, before, moments(target.measured(output, args, kwargs)))
+        after = moments(target.measured(output, args, kwargs), groups)
+        state.record = with_means(target, record, before, after, self.criterion)
         return activation(ops.cast(output, dtype))
 
     def _rescale_by_reevaluation(
@@ -719,8 +743,29 @@ class _SinglePass:
     def _rescale_by_passes(self, state: LayerState) -> LayerRecord:
         """For a layer called several times per pass: one forward pass per iteration, measured over every call."""
         target = state.target
+        measure_at = self._measured_by_passes(state)
+        limit = ScaleLimit.of(target.scaled_kernel, state.kernel_original(), target.layer, 0.0)
+        if self.center:
+            record = find_centered_scale(target, measure_at, self.criterion, limit)
+        else:
+            record = find_scale(target, lambda scale: measure_at(scale).variance(), self.criterion, limit)
+        write_kernel(target.scaled_kernel, state.kernel_original(), record.scale)
+        return record
+
+    def _recenter_by_passes(self, state: LayerState) -> None:
+        """Centers the bias of a layer again at its kernel as it is (`center_at` at scale 1), one forward pass per
+        measure over every call."""
+        measure_at = self._measured_by_passes(state)
+        bias = np.asarray(ops.convert_to_numpy(float32_copy(state.target.layer.bias)), dtype="float64").reshape(-1)
+        center_at(Centering.of(state.target, measure_at(1.0), bias), 1.0, measure_at, self.criterion)
+
+    def _measured_by_passes(self, state: LayerState) -> Callable[[float], Moments]:
+        """`scale -> moments`: the kernel set to `state.kernel_original()` times `scale`, then the layer's
+        pre-activation moments (per channel with `center=True`) over every call in one forward pass."""
+        target = state.target
         layer, kernel = target.layer, target.scaled_kernel
         original = state.kernel_original()
+        measured: list[Moments] = []
 
         def make_call(layer: keras.layers.Layer, original_call: Callable[..., Any]) -> Callable[..., Any]:
             def call(*args: Any, **kwargs: Any) -> Any:
@@ -738,14 +783,7 @@ class _SinglePass:
             self._forward([layer], make_call)
             return _merged(measured)
 
-        measured: list[Moments] = []
-        limit = ScaleLimit.of(kernel, original, layer, 0.0)
-        if self.center:
-            record = find_centered_scale(target, measure_at, self.criterion, limit)
-        else:
-            record = find_scale(target, lambda scale: measure_at(scale).variance(), self.criterion, limit)
-        write_kernel(kernel, original, record.scale)
-        return record
+        return measure_at
 
 
 def _output(

@@ -405,3 +405,20 @@ def test_a_branch_scale_float16_cannot_hold_is_bounded_and_reported(mixed_float1
     assert not merge.skipped and not merge.converged and "float16" in merge.reason, merge
     assert any(f"merge '{merge.name}'" in str(w.message) and "float16" in str(w.message) for w in warned)
     assert np.isfinite(keras.ops.convert_to_numpy(model(x))).all()
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16"], indirect=True)
+def test_a_centered_bfloat16_branch_is_measured_again_after_its_merge(policy):
+    """Under bfloat16 a branch's last layer may end off center (inputs far off zero: the dtype rounds its bias), and
+    its merge's output, predicted from the branch rounded once, differs from what the layer computes at the scaled
+    kernel and bias: both are measured again on the model, and the records say what they measure."""
+    inputs = keras.Input((16,))
+    stream = layers.Dense(16, activation="relu")(layers.Dense(16)(inputs))
+    branch = layers.Dense(16, name="branch_end")(inputs)
+    model = keras.Model(inputs, layers.Dense(4)(layers.Add()([stream, branch])))
+    x = zoo.batch_for(model) * np.float32(0.01) + np.float32(1.0)
+    warned = []
+    report = zoo.initialize_and_check(model, x, center=True, residual="stream", warned=warned)
+    end = report[model.get_layer("branch_end")]
+    assert end.merge == "add" and not end.converged and "after its merge" in end.reason, end
+    assert any("'branch_end'" in str(warning.message) for warning in warned)

@@ -251,7 +251,7 @@ class _SinglePass:
         while (cause := self._inline_pass()) is not None:
             if cause.status is Status.MULTI_CALL:
                 self._finish(cause, self._rescale_by_passes(cause))
-        if any(state.multi_call for state in self.states):
+        if any(state.multi_call for state in self.states) or self._merges_to_measure():
             self._settle()
         records = {}
         for state in self.reached:
@@ -431,8 +431,23 @@ class _SinglePass:
                 )
                 state.on_device = None
 
+    def _merges_to_measure(self) -> bool:
+        """Whether a solved merge needs its output and its branches measured again on the model.
+
+        With `center=True` a branch's last layer may end off center (its record said so before its merge scaled it,
+        and the means scale with it); where a branch computes in float16 or bfloat16 the merge's output was predicted
+        from each branch rounded once, where the layer rounds its kernel's and its bias's terms each its own way.
+        """
+        solved = [state.merge for state in self.merges if state.record is not None and not state.record.skipped]
+        return any(
+            self.center or not _computes_in_full_precision(target.layer)
+            for merge in solved
+            for target in merge.branch_targets
+        )
+
     def _settle(self) -> None:
-        """Makes the records of a model with layers called several times per pass true of the model as it ends.
+        """Makes the records of a model with layers called several times per pass (or with merges to measure again,
+        `_merges_to_measure`) true of the model as it ends.
 
         Such a layer can feed its own later calls through layers rescaled after it: a block shared along a chain
         (ALBERT calls one transformer layer once per layer of depth), or a layer between two calls of a shared one.
@@ -493,8 +508,8 @@ class _SinglePass:
                     reason = f"its variance moves to {value:.3g} as layers after it are rescaled, after its merge"
                 elif record.converged and not centered:
                     reason = (
-                        f"its channel means move to up to {np.max(np.abs(stats.mean)):.3g} as layers after it are "
-                        f"rescaled, after its merge: not centered after {sweeps} sweeps"
+                        f"its channel means measure up to {np.max(np.abs(stats.mean)):.3g} after its merge: not "
+                        f"centered after {sweeps} sweeps"
                     )
             elif record.converged and not within:
                 reason = (

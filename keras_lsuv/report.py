@@ -31,7 +31,10 @@ class LayerRecord:
             (after the orthonormal redraw, if any). `None` if skipped.
         final_variance: Variance after the last rescale. `None` if skipped.
         iterations: Number of rescales applied.
-        converged: Whether `|final_variance - target_variance| < tolerance`.
+        converged: Whether `|final_variance - target_variance| < tolerance`;
+            with `center=True` also every channel's mean within the tolerance
+            of the layer's compute dtype (`centering.mean_tolerance`: 1% of
+            the target standard deviation, 5% in bfloat16).
         scale: The factor the kernel was multiplied by (1.0 if untouched).
         reason: Why the layer was skipped or did not converge, or what was
             left out of a converged layer (with `center=True`, a layer without
@@ -45,7 +48,8 @@ class LayerRecord:
             layer with its residual branch, else `None`. Its final variance
             is then the one the merge gave it (e.g. 0.3, or 0.0 for a branch
             scaled to 0), not `target_variance`, and `converged` says whether
-            the merge converged.
+            the merge converged (and, with `center=True`, whether the layer
+            is centered).
         layer: The layer itself, which identifies it where names do not (Keras
             allows equal names in nested and subclassed models). Not part of
             `to_dict()`, nor of equality; `None` in a report rebuilt by

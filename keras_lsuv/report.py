@@ -354,26 +354,11 @@ class LSUVReport:
         if not isinstance(data, Mapping):
             raise ValueError(f"LSUVReport.from_dict takes a dict as to_dict() returns it; got {_describe(data)}.")
         data = dict(data)
-        entries = data.pop("records", [])
-        if not isinstance(entries, list):
-            raise ValueError(
-                f"LSUVReport.from_dict: 'records' must be a list of dicts, one per layer; got {_describe(entries)}."
-            )
-        records = [_record_from_dict(entry, index) for index, entry in enumerate(entries)]
-        merge_entries = data.pop("merges", [])
-        if not isinstance(merge_entries, list):
-            raise ValueError(
-                f"LSUVReport.from_dict: 'merges' must be a list of dicts, one per merge; got "
-                f"{_describe(merge_entries)}."
-            )
-        merges = [_merge_from_dict(entry, index) for index, entry in enumerate(merge_entries)]
-        uncovered_entries = data.pop("uncovered", [])
-        if not isinstance(uncovered_entries, list):
-            raise ValueError(
-                f"LSUVReport.from_dict: 'uncovered' must be a list of dicts, one per layer; got "
-                f"{_describe(uncovered_entries)}."
-            )
-        uncovered = [_uncovered_from_dict(entry, index) for index, entry in enumerate(uncovered_entries)]
+        records = [_record_from_dict(entry, i) for i, entry in enumerate(_entries(data, "records", "one per layer"))]
+        merges = [_merge_from_dict(entry, i) for i, entry in enumerate(_entries(data, "merges", "one per merge"))]
+        uncovered = [
+            _uncovered_from_dict(entry, i) for i, entry in enumerate(_entries(data, "uncovered", "one per layer"))
+        ]
         _check_keys(data, cls, "the report")
         return cls(records=records, merges=merges, uncovered=uncovered, **data)
 
@@ -582,6 +567,18 @@ def _html_table(css_class: str, rows: list[tuple[str, ...]]) -> str:
 def _uncovered_fields() -> list[dataclasses.Field[Any]]:
     """The fields of `UncoveredLayer` that `to_dict` holds: all but the layer object."""
     return [field for field in dataclasses.fields(UncoveredLayer) if field.name != "layer"]
+
+
+def _entries(data: dict[str, Any], key: str, each: str) -> list[Any]:
+    """Takes the list `data[key]` out of `data` (empty if absent).
+
+    Raises:
+        ValueError: If it is not a list.
+    """
+    entries = data.pop(key, [])
+    if not isinstance(entries, list):
+        raise ValueError(f"LSUVReport.from_dict: '{key}' must be a list of dicts, {each}; got {_describe(entries)}.")
+    return list(entries)
 
 
 def _uncovered_from_dict(data: Any, index: int) -> UncoveredLayer:

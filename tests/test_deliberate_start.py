@@ -89,15 +89,6 @@ def test_targets_can_still_choose_it_and_default_targets_keeps_it():
     assert keras_lsuv.default_targets(tnet)  # its kernel no longer holds zeros: no deliberate start any more
 
 
-class CheckWhenTrainingBegins(keras.callbacks.Callback):
-    def __init__(self, check):
-        super().__init__()
-        self.check = check
-
-    def on_train_begin(self, logs=None):
-        self.check(self.model)
-
-
 def test_the_callback_keeps_it_and_does_not_take_the_identity_bias_for_training():
     model, tnet = pointnet()
     x = batch(model)
@@ -122,6 +113,6 @@ def test_the_callback_keeps_it_and_does_not_take_the_identity_bias_for_training(
         batch_size=len(x),
         epochs=1,
         verbose=0,
-        callbacks=[lsuv, CheckWhenTrainingBegins(check)],
+        callbacks=[lsuv, zoo.CheckWhenTrainingBegins(check)],
     )
     assert seen

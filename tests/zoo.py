@@ -355,6 +355,17 @@ def assert_report_is_true(model, x, report, before, tolerance=0.1, select=None, 
         assert np.isfinite(weight).all()
 
 
+class CheckWhenTrainingBegins(keras.callbacks.Callback):
+    """Runs `check(model)` in `on_train_begin`, after the callbacks listed before it."""
+
+    def __init__(self, check):
+        super().__init__()
+        self.check = check
+
+    def on_train_begin(self, logs=None):
+        self.check(self.model)
+
+
 def run(model, x, **options):
     """`lsuv_init`, silent and seeded unless the options say otherwise: the one way tests run LSUV."""
     options.setdefault("verbose", 0)

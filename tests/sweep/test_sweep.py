@@ -388,17 +388,6 @@ def _check_lsuv_init(case, result, **options):
         result["merges"] = (sum(not m.skipped for m in report.merges), len(report.merges))
 
 
-class CheckWhenTrainingBegins(keras.callbacks.Callback):
-    """Runs `check(model)` in `on_train_begin`, after the callbacks listed before it."""
-
-    def __init__(self, check):
-        super().__init__()
-        self.check = check
-
-    def on_train_begin(self, logs=None):
-        self.check(self.model)
-
-
 @pytest.mark.parametrize("case", params("fit"))
 def test_callback_in_fit(case, results):
     with recorded(results, case, "fit") as result:
@@ -426,7 +415,7 @@ def _check_callback_in_fit(case, result):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         history = model.fit(
-            x, y, batch_size=one_step, epochs=1, verbose=0, callbacks=[lsuv, CheckWhenTrainingBegins(check)]
+            x, y, batch_size=one_step, epochs=1, verbose=0, callbacks=[lsuv, zoo.CheckWhenTrainingBegins(check)]
         )
     result.update(converged=lsuv.report.converged)
     assert np.isfinite(history.history["loss"]).all()

@@ -522,6 +522,8 @@ class _SinglePass:
                     "rescaled (a layer feeding its own later calls, such as a block shared along a chain): not "
                     f"centered after {sweeps} sweeps"
                 )
+            elif not record.converged and not within:  # its reason is its own loop's: what it measures now too
+                reason = f"{record.reason}; {value:.3g} measured over every call once the passes settled"
             elif converged and not record.converged:  # what kept it off holds no more
                 reason = NO_BIAS_REASON if self.center and not state.target.has_bias else None
             mean = None if record.final_mean is None else stats.grand_mean

@@ -17,7 +17,8 @@ is_linear_in_kernel`: a `call` of its own need not scale with its kernel) throug
 (`f(s·x) = s·f(x)`, `SCALING_LAYERS`), each output on that path used by the next layer only. The target's kernel and
 bias are both multiplied by `s`, so its pre-activation becomes exactly `s` times what it was and so does the branch:
 the merge's output at the scale, `U + s·S`, is the one the model computes, and the pass goes on with it.
-`MultiHeadAttention` ends with its output projection, so an attention branch ends at that `EinsumDense`.
+`MultiHeadAttention` ends with its output projection, so an attention branch ends at that `EinsumDense` (Keras's own
+`call` only: a subclass with a `call` of its own ends no branch).
 """
 
 from __future__ import annotations
@@ -357,6 +358,11 @@ def _branch_end(
         if calls[id(operation)] != 1:
             return None, None
         if isinstance(operation, layers.MultiHeadAttention):
+            if type(operation).call is not layers.MultiHeadAttention.call:  # a `call` of its own may do more after
+                return (
+                    None,
+                    f"layer '{operation.name}' has a `call` of its own, whose output need not scale with its kernel",
+                )
             operation = operation._output_dense  # its output is the output projection's (`MultiHeadAttention.call`)
         if id(operation) in by_layer:
             return _scaling_target(by_layer[id(operation)])

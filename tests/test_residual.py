@@ -305,6 +305,25 @@ def test_a_branch_ending_at_a_layer_with_its_own_call_is_no_branch():
     assert np.isfinite(keras.ops.convert_to_numpy(model(x))).all()
 
 
+class ShiftedAttention(layers.MultiHeadAttention):
+    """Attention with a `call` of its own that adds a constant after the output projection."""
+
+    def call(self, query, value, key=None, **kwargs):
+        return super().call(query, value, key, **kwargs) + 1.0
+
+
+def test_an_attention_branch_with_a_call_of_its_own_is_no_branch():
+    inputs = keras.Input((6, 16))
+    x = layers.Dense(16, name="embed")(inputs)
+    h = layers.LayerNormalization()(x)
+    x = x + ShiftedAttention(2, 8)(h, h)  # U + s·(A + 1) is not what scaling the projection by s gives
+    model = keras.Model(inputs, layers.Dense(3)(x))
+    x = zoo.batch_for(model)
+    report = zoo.initialize_and_check(model, x, residual="stream")  # the merge and the head re-measured
+    (merge,) = report.merges
+    assert merge.skipped and "has a `call` of its own" in merge.reason, merge
+
+
 @pytest.mark.parametrize("build", [normalized_blocks, lambda: projection_block(normalization=True)])
 def test_a_merge_after_a_batch_normalization_is_left_alone_as_training_would_undo_its_scale(build):
     model = build()

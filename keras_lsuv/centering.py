@@ -72,6 +72,12 @@ class Centering:
         """From the per-channel moments of the pre-activation at kernel scale 1, measured with the bias `bias`."""
         return cls(target, stats.mean - bias)
 
+    @classmethod
+    def of_layer(cls, target: Target, stats: Moments) -> Centering:
+        """`of`, for moments measured with the layer's bias as it is now (read here)."""
+        bias = np.asarray(ops.convert_to_numpy(float32_copy(target.layer.bias)), dtype="float64").reshape(-1)
+        return cls.of(target, stats, bias)
+
     def bias(self, scale: float) -> np.ndarray:
         """The bias for the kernel multiplied by `scale`: `-scale·offsets`."""
         return -scale * self.offsets
@@ -177,8 +183,7 @@ def find_centered_scale(
     before = measure_at(1.0)
     centering = None
     if target.has_bias:
-        bias = np.asarray(ops.convert_to_numpy(float32_copy(target.layer.bias)), dtype="float64").reshape(-1)
-        centering = Centering.of(target, before, bias)
+        centering = Centering.of_layer(target, before)
     after = before
 
     def variance_at(scale: float) -> float:

@@ -162,12 +162,16 @@ class UncoveredLayer:
         """The entry's fields as plain Python types, without the layer object."""
         return {field.name: getattr(self, field.name) for field in _uncovered_fields()}
 
+    @property
+    def weights_text(self) -> str:
+        """Its weights not reached, each as its path and shape."""
+        return ", ".join(f"{path} {tuple(shape)}" for path, shape in self.weights.items())
+
     def describe(self) -> str:
         """One line: the layer, its weights not reached with their shapes, their count and share, and why."""
-        weights = ", ".join(f"{path} {tuple(shape)}" for path, shape in self.weights.items())
         return (
-            f"'{self.name}' ({self.class_name}): {weights}: {self.kernel_parameters:,} kernel-like parameters, "
-            f"{self.share:.1%} of the model ({self.reason})"
+            f"'{self.name}' ({self.class_name}): {self.weights_text}: {self.kernel_parameters:,} kernel-like "
+            f"parameters, {self.share:.1%} of the model ({self.reason})"
         )
 
 
@@ -195,10 +199,10 @@ class LSUVReport:
             order: of kinds LSUV does not initialize (custom `add_weight`
             kernels, RNN cells, mixture-of-experts expert kernels), left out
             by `targets=`, or whose record was skipped. Embedding and position
-            tables, and biases of rank 2, are listed too. A weight is covered when LSUV measured and
-            scaled it, or left it alone on purpose (the zero kernel of a
-            deliberate start, see `default_targets`; frozen weights are not
-            trainable). Empty when the whole run was skipped.
+            tables, and biases of rank 2, are listed too. A weight is covered
+            when LSUV measured and scaled it, or left it alone on purpose (the
+            zero kernel of a deliberate start, see `default_targets`; frozen
+            weights are not trainable). Empty when the whole run was skipped.
         coverage: The share of the model's kernel-like parameters that LSUV
             reached: the values of the covered kernel-like weights over those
             of every kernel-like weight (trainable, of rank 2 or more, neither
@@ -411,9 +415,8 @@ class LSUVReport:
         """The table of the weights not reached: a header row, then one row per layer."""
         rows: list[tuple[str, ...]] = [UNCOVERED_HEADER]
         for u in self.uncovered:
-            weights = ", ".join(f"{path} {tuple(shape)}" for path, shape in u.weights.items())
             cells = (u.name, u.class_name, f"{u.parameters:,}", f"{u.kernel_parameters:,}", f"{u.share:.1%}")
-            rows.append((*cells, weights, u.reason))
+            rows.append((*cells, u.weights_text, u.reason))
         return rows
 
     def _summary(self) -> str:

@@ -773,8 +773,7 @@ class _SinglePass:
         """Centers the bias of a layer again at its kernel as it is (`center_at` at scale 1), one forward pass per
         measure over every call."""
         measure_at = self._measured_by_passes(state)
-        bias = np.asarray(ops.convert_to_numpy(float32_copy(state.target.layer.bias)), dtype="float64").reshape(-1)
-        center_at(Centering.of(state.target, measure_at(1.0), bias), 1.0, measure_at, self.criterion)
+        center_at(Centering.of_layer(state.target, measure_at(1.0)), 1.0, measure_at, self.criterion)
 
     def _measured_by_passes(self, state: LayerState) -> Callable[[float], Moments]:
         """`scale -> moments`: the kernel set to `state.kernel_original()` times `scale`, then the layer's

@@ -166,6 +166,7 @@ def find_centered_scale(
     measure_at: Callable[[float], Moments],
     criterion: Criterion,
     limit: ScaleLimit,
+    exponent: float | None = None,
 ) -> LayerRecord:
     """The paper's loop with the bias following each kernel scale tried, for layers evaluated again at each scale.
 
@@ -175,6 +176,8 @@ def find_centered_scale(
             returns the pre-activation's moments over `channel_groups`.
         criterion: Target variance, tolerance and iteration limit.
         limit: The largest scale the layer's dtypes can hold.
+        exponent: For secant steps, the exponent of the variance in the scale as far as known
+            (`rescale.find_scale`).
 
     Returns:
         The record, with the variance and mean before centering and the mean measured last; not converged where a
@@ -194,7 +197,7 @@ def find_centered_scale(
             centering, after = center_at(centering, scale, measure_at, criterion)
         return after.variance()
 
-    record = find_scale(target, variance_at, criterion, limit)
+    record = find_scale(target, variance_at, criterion, limit, exponent=exponent)
     return with_means(target, record, before, after, criterion, centering)
 
 

@@ -23,6 +23,14 @@ MIN_RELATIVE_VARIANCE = 1e-12
 # The largest scale accepted is this fraction of the one that reaches the largest finite value of the kernel's (or
 # the layer's compute) dtype: a margin for the bias, for rounding and for the spread of values between samples.
 DTYPE_MARGIN = 0.25
+# The secant step (`secant_exponent`) estimates the exponent of the variance in the scale within these bounds: a
+# secant through two noisy measurements can be far off, and an exponent near 0 would make the step diverge. Within
+# one layer's loop the variance is a deterministic function of the scale, and a damped prediction of every call of
+# a layer (`engines.multi_call.Prediction`) can be steep: its own bounds are wider.
+EXPONENTS = (0.5, 8.0)
+LOOP_EXPONENTS = (0.5, 64.0)
+# Below this relative change of the scale between two measurements, a secant measures noise, not the exponent.
+MIN_SCALE_CHANGE = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +97,7 @@ def next_scale(
     limit: float = math.inf,
     floor: float = -math.inf,
     xp: Any = np,
+    exponent: float = 2.0,
 ) -> tuple[Any, Any]:
     """The paper's stopping rule, once: given the variance measured at kernel scale `scale`, stop or rescale.
 
@@ -110,13 +119,16 @@ def next_scale(
         limit: The largest total scale the layer's dtypes hold (`ScaleLimit.scale`).
         floor: The least variance any kernel scale gives (the bias alone), where known.
         xp: `numpy` or `keras.ops`.
+        exponent: `p` where the variance goes as `scale**p` (`secant_exponent`): 2, the paper's, by default.
 
     Returns:
-        `(stop, proposed)`: a `Stop` code, and `scale·sqrt(target / variance)`, the scale to measure next when the
-        code is `Stop.RESCALE`.
+        `(stop, proposed)`: a `Stop` code, and `scale·(target / variance)**(1/exponent)` (the paper's
+        `scale·sqrt(target / variance)` for exponent 2), the scale to measure next when the code is `Stop.RESCALE`.
     """
     goal, tolerance = criterion.target_variance, criterion.tolerance
-    proposed = xp.multiply(scale, xp.sqrt(xp.divide(goal, xp.maximum(variance, MIN_RELATIVE_VARIANCE * goal))))
+    ratio = xp.divide(goal, xp.maximum(variance, MIN_RELATIVE_VARIANCE * goal))
+    step = xp.sqrt(ratio) if exponent == 2.0 else xp.power(ratio, 1.0 / exponent)
+    proposed = xp.multiply(scale, step)
     # The first rule that holds stops the loop, in this order; a NaN fails every comparison but the first.
     rules = [
         (xp.logical_not(xp.isfinite(variance)), Stop.NOT_FINITE),
@@ -142,10 +154,15 @@ def find_scale(
     criterion: Criterion,
     limit: ScaleLimit = ScaleLimit(),
     floor: float | None = None,
+    exponent: float | None = None,
 ) -> LayerRecord:
     """Runs LSUV's loop: while `|var - target| >= tol` and fewer than `T_max` rescales, `scale *= sqrt(target / var)`.
 
-    Each step is `next_scale`'s decision, on host floats.
+    Each step is `next_scale`'s decision, on host floats. With an `exponent`, for a variance that need not go with
+    the square of the scale (a layer feeding its own later calls), each step is `scale *= (target / var)**(1/p)`,
+    `p` the `exponent` at first, then the secant of the log-variance against the log-scale through the last two
+    measurements (`secant_exponent`): where the variance does go with the square, `p` is 2 and the steps are the
+    paper's.
 
     Args:
         target: The layer being processed (for the record and messages).
@@ -158,6 +175,8 @@ def find_scale(
             when known: if it is above the target, no scale can reach the
             target and the kernel is left as it is instead of being shrunk
             towards 0.
+        exponent: The exponent of the variance in the scale, as far as known, for secant steps; `None` for the
+            paper's steps.
 
     Returns:
         The layer's record; `record.scale` is the factor to apply to the kernel.
@@ -165,17 +184,42 @@ def find_scale(
     Raises:
         ValueError: If the layer's output is not finite.
     """
-    scale, iterations = 1.0, 0
+    scale, iterations, power = 1.0, 0, 2.0 if exponent is None else exponent
     initial = current = variance_at(scale)
     while True:
-        code, proposed = next_scale(current, scale, iterations, criterion, limit.scale, _floor(floor))
+        code, proposed = next_scale(current, scale, iterations, criterion, limit.scale, _floor(floor), np, power)
         stop = Stop(int(code))
         if stop != Stop.RESCALE:
             break
+        earlier = (scale, current)
         scale, iterations = float(proposed), iterations + 1
         current = variance_at(scale)
+        if exponent is not None:
+            power = secant_exponent(earlier, (scale, current), power, LOOP_EXPONENTS)
     reason = _stop_reason(target, stop, current, scale, criterion, float(proposed), limit, floor)
     return _record(target, initial, current, iterations, scale, criterion, reason)
+
+
+def secant_exponent(
+    earlier: tuple[float, float],
+    latest: tuple[float, float],
+    default: float = 2.0,
+    bounds: tuple[float, float] = EXPONENTS,
+) -> float:
+    """`p` in `variance ∝ scale**p` through two `(scale, variance)` measurements: the slope of the log-variance
+    against the log-scale, within `bounds`; `default` where the scale hardly moved or a measurement is not positive
+    and finite.
+
+    Example:
+
+    >>> secant_exponent((1.0, 4.0), (0.5, 1.0))  # the variance went with the square of the scale
+    2.0
+    """
+    (s0, v0), (s1, v1) = earlier, latest
+    values = (s0, v0, s1, v1)
+    if not all(math.isfinite(value) and value > 0 for value in values) or abs(math.log(s1 / s0)) < MIN_SCALE_CHANGE:
+        return default
+    return min(max(math.log(v1 / v0) / math.log(s1 / s0), bounds[0]), bounds[1])
 
 
 def unit_scale(variance: Any, criterion: Criterion) -> tuple[Any, Any]:

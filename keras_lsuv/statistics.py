@@ -68,6 +68,18 @@ class Moments:
         """The moments after subtracting each group's mean: each group's spread, every mean zero."""
         return Moments(self.count, np.zeros_like(self.mean), self.m2)
 
+    def scaled(self, scale: float, bias: np.ndarray | None = None) -> Moments:
+        """The moments of `scale * (z - b) + b`, group by group, with `b` the per-group `bias` (0 if `None`): for
+        `z = L + b`, those of the pre-activation after multiplying the kernel by `scale`."""
+        offset = 0.0 if bias is None else bias
+        return Moments(self.count, scale * (self.mean - offset) + offset, scale * scale * self.m2)
+
+    def pooled(self) -> Moments:
+        """The moments of every group together, as one group (the groups are of equal size)."""
+        mean = np.mean(self.mean)
+        m2 = np.sum(self.m2) + self.count * np.sum(np.square(self.mean - mean))
+        return Moments(self.count * self.mean.size, np.array([mean]), np.array([m2]))
+
     def variance(self, scale: float = 1.0, bias: np.ndarray | None = None) -> float:
         """The variance over all elements of `scale * (z - b) + b`, with `b` the per-group `bias` (0 if `None`).
 

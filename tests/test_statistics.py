@@ -27,6 +27,21 @@ def test_grouped_moments_give_the_variance_at_any_kernel_scale(groups):
         assert stats.variance(scale, bias.reshape(-1)) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("groups", [(7,), (5, 7)])
+def test_scaled_and_pooled_moments_are_those_of_the_tensor_at_that_kernel_scale(groups):
+    z = sample((64, 5, 7), 4, loc=1.5)
+    bias = np.random.default_rng(5).normal(0.0, 3.0, groups)
+    scaled = moments(keras.ops.convert_to_tensor(z), groups).scaled(0.3, bias.reshape(-1))
+    expected = 0.3 * (z.astype("float64") - bias) + bias
+    np.testing.assert_allclose(
+        scaled.mean, moments(keras.ops.convert_to_tensor(expected), groups).mean, rtol=1e-5, atol=1e-5
+    )
+    pooled = scaled.pooled()
+    assert pooled.count == z.size and pooled.mean.shape == (1,)
+    assert pooled.mean[0] == pytest.approx(np.mean(expected), rel=1e-5)
+    assert pooled.variance() == pytest.approx(np.var(expected), rel=1e-5)
+
+
 def test_large_mean_keeps_the_variance_in_float32():
     z = sample((256, 16), 3, loc=1000.0)  # E[z²] - E[z]² would lose most digits here
     assert variance(keras.ops.convert_to_tensor(z)) == pytest.approx(np.var(z.astype("float64")), rel=1e-4)

@@ -17,6 +17,10 @@ from keras_lsuv.data import DEFAULT_NUM_SAMPLES
 from keras_lsuv.rescale import Criterion
 from keras_lsuv.residual import RESIDUAL_MODES
 
+# The engines' names (`keras_lsuv.engines.ENGINES` maps each to its engine): declared here so that checking the options
+# needs no engine, and the engines, which read their options from here, import nothing circular.
+ENGINE_NAMES = ("single_pass", "submodel")
+
 # A `SeedGenerator` is turned into one integer seed per run, drawn from this range.
 MAX_SEED = 2**31 - 1
 
@@ -136,9 +140,6 @@ class LSUVOptions:
     scale_on_device: bool | None = None
 
     def __post_init__(self) -> None:
-        # Imported here: the engines read their options from this module.
-        from keras_lsuv.engines import ENGINES
-
         for name in ("target_variance", "tolerance"):
             value = getattr(self, name)
             if not (_is_real(value) and math.isfinite(value) and value > 0):
@@ -148,7 +149,7 @@ class LSUVOptions:
         if not (_is_integer(self.num_samples) and self.num_samples >= 1):
             raise ValueError(f"num_samples must be a positive integer; got {self.num_samples!r}.")
         measures = tuple(measure.value for measure in Measure)
-        for name, value, choices in (("measure", self.measure, measures), ("engine", self.engine, tuple(ENGINES))):
+        for name, value, choices in (("measure", self.measure, measures), ("engine", self.engine, ENGINE_NAMES)):
             if not (isinstance(value, str) and value in choices):
                 raise ValueError(f"{name} must be one of {choices}; got {value!r}.")
         for name in ("orthonormal", "force", "center"):

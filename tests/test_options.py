@@ -1,6 +1,8 @@
 """Every option of `lsuv_init` and `LSUVCallback` is checked before anything runs; valid NumPy scalars are taken."""
 
+import ast
 import dataclasses
+import pathlib
 import re
 
 import keras
@@ -9,6 +11,8 @@ import pytest
 import zoo
 
 import keras_lsuv
+from keras_lsuv import options
+from keras_lsuv.engines import ENGINES
 from keras_lsuv.options import Measure
 from keras_lsuv.rescale import Criterion
 
@@ -146,3 +150,14 @@ def test_centering_needs_the_preactivation_measured():
         ValueError, match=r"center=True centers the pre-activation, so it needs measure='preactivation'"
     ):
         keras_lsuv.LSUVCallback(X, center=True, measure="output")
+
+
+def test_the_options_import_no_engine():
+    # The engines read their options from `keras_lsuv.options`: the options importing an engine (even lazily, in a
+    # function) closed a circle.
+    tree = ast.parse(pathlib.Path(options.__file__).read_text())
+    imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert "keras_lsuv.data" in imported
+    assert not [name for name in imported if name and name.startswith("keras_lsuv.engines")]
+    assert tuple(ENGINES) == options.ENGINE_NAMES

@@ -17,6 +17,7 @@ from keras_lsuv.rescale import (
     Stop,
     find_scale,
     next_scale,
+    secant_exponent,
     unit_scale,
     unit_scale_record,
 )
@@ -182,3 +183,35 @@ def test_non_finite_variance_is_not_rescaled_and_its_record_raises(variance, mes
     assert scale == 1.0 and stop == Stop.NOT_FINITE
     with pytest.raises(ValueError, match=message):
         unit_scale_record(Target(layers.Dense(2, name="dense")), variance, scale, stop, Criterion())
+
+
+@pytest.mark.parametrize("variance", [0.01, 0.5, 7.0, 1e4])
+def test_secant_steps_are_the_papers_where_the_variance_goes_with_the_square_of_the_scale(variance):
+    target = Target(layers.Dense(2, name="dense"))
+    paper = find_scale(target, lambda s: s * s * variance, Criterion())
+    secant = find_scale(target, lambda s: s * s * variance, Criterion(), exponent=2.0)
+    assert (secant.scale, secant.iterations, secant.final_variance) == (
+        paper.scale,
+        paper.iterations,
+        paper.final_variance,
+    )
+
+
+@pytest.mark.parametrize("power", [0.7, 5.0, 12.0])
+def test_secant_steps_converge_where_the_papers_do_not(power):
+    # A layer feeding its own later calls: the variance over every call goes as scale**power, not scale**2. The
+    # paper's step overshoots (power > 4: it diverges) or crawls; the secant measures the power after one step.
+    target = Target(layers.Dense(2, name="dense"))
+    variance_at = lambda s: 9.0 * s**power  # noqa: E731
+    paper = find_scale(target, variance_at, Criterion(max_iterations=4))
+    secant = find_scale(target, variance_at, Criterion(max_iterations=4), exponent=2.0)
+    assert not paper.converged
+    assert secant.converged and abs(variance_at(secant.scale) - 1.0) < 0.1
+
+
+def test_secant_exponent_is_the_slope_in_log_space_within_its_bounds():
+    assert secant_exponent((1.0, 4.0), (0.5, 1.0)) == pytest.approx(2.0)
+    assert secant_exponent((1.0, 1.0), (2.0, 2.0**6)) == pytest.approx(6.0)
+    assert secant_exponent((1.0, 1.0), (2.0, 2.0**20)) == 8.0  # the bound
+    assert secant_exponent((1.0, 1.0), (1.0 + 1e-6, 5.0), default=3.0) == 3.0  # the scale hardly moved
+    assert secant_exponent((1.0, 0.0), (2.0, 5.0), default=3.0) == 3.0  # not positive

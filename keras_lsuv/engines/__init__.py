@@ -13,7 +13,7 @@ import keras
 
 from keras_lsuv.engines.single_pass import run_single_pass
 from keras_lsuv.engines.submodel import run_submodel
-from keras_lsuv.options import LSUVOptions
+from keras_lsuv.options import ENGINE_NAMES, LSUVOptions
 from keras_lsuv.report import LayerRecord, MergeRecord
 from keras_lsuv.residual import Merge
 from keras_lsuv.targets import Target
@@ -48,4 +48,4 @@ class Engine(Protocol):
     ) -> dict[Target, LayerRecord]: ...
 
 
-ENGINES: dict[str, Engine] = {"single_pass": run_single_pass, "submodel": run_submodel}
+ENGINES: dict[str, Engine] = dict(zip(ENGINE_NAMES, (run_single_pass, run_submodel), strict=True))

@@ -29,6 +29,9 @@ import numpy as np
 from keras_lsuv.rescale import Criterion, secant_exponent
 from keras_lsuv.statistics import Moments
 
+# The least gain of every call's channel means per unit of bias the centering assumes: near 0 the bias would blow up.
+MIN_GAIN = 0.1
+
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
@@ -58,6 +61,10 @@ class Prediction:
             scale (the bias cancels in it); `None` otherwise.
         miss: `log(variance / target)` over every call, as measured at `scale`.
         step: The fraction of the step to the target the layer takes (1 unless it overshot).
+        bias: With `center=True`, the layer's bias when it was measured (flat); `None` otherwise.
+        feedback: With `center=True`, how much more than the first call's the later calls' channel means move per
+            unit of bias (`G - 1`, the later calls feeding on the layer's own output), as measured between the last
+            two passes (a secant through their biases and shifts, fitted over the channels); 0 until measured.
     """
 
     ratio: float
@@ -66,6 +73,8 @@ class Prediction:
     shift: np.ndarray | None = dataclasses.field(default=None, compare=False)
     miss: float = 0.0
     step: float = 1.0
+    bias: np.ndarray | None = dataclasses.field(default=None, compare=False)
+    feedback: float = 0.0
 
     @property
     def power(self) -> float:
@@ -82,10 +91,24 @@ class Prediction:
         """`scale -> the predicted variance over every call`, from the first call's `scale -> variance`."""
         return lambda scale: self.factor(scale) * first(scale)
 
-    def moments(self, first: Moments, scale: float) -> Moments:
-        """The predicted per-channel moments over every call, from the first call's at kernel scale `scale`."""
+    def moments(self, first: Moments, scale: float, bias: np.ndarray | None = None) -> Moments:
+        """The predicted per-channel moments over every call, from the first call's at kernel scale `scale` (and
+        with the layer's bias `bias`, where the later calls feed on it: `feedback`)."""
         mean = first.mean if self.shift is None else first.mean + scale * self.shift
+        if bias is not None and self.bias is not None:
+            mean = mean + self.feedback * (bias - self.bias)
         return Moments(first.count, mean, first.m2 * self.factor(scale))
+
+    def centering_bias(self, first_mean: np.ndarray, scale: float) -> np.ndarray:
+        """The bias that gives every channel a predicted mean of 0 over every call, for the kernel scaled by
+        `scale`: `first_mean` is each channel's mean of the first call's kernel term `L` at scale 1.
+
+        The first call's mean is `s·mean(L) + b`; every call's adds `s·shift + feedback·(b - bias)`.
+        """
+        shift = 0.0 if self.shift is None else self.shift
+        feedback = 0.0 if self.bias is None else self.feedback
+        earlier = 0.0 if self.bias is None else self.bias
+        return np.asarray((-scale * (first_mean + shift) + feedback * earlier) / (1.0 + feedback))
 
 
 def predict(
@@ -93,9 +116,9 @@ def predict(
     every: Moments,
     scale: float,
     earlier: Prediction | None,
-    center: bool,
     criterion: Criterion,
     coupled: bool = False,
+    bias: np.ndarray | None = None,
 ) -> Prediction:
     """The prediction for the next pass, from the moments of a layer's first call and of every call (with the first)
     measured in this pass at kernel scale `scale`, and the prediction this pass used (`None` in the first pass).
@@ -104,18 +127,26 @@ def predict(
     (`rescale.secant_exponent`), at least 2; where the scale hardly moved it stays as it was. The step halves where
     the variance went past the target since the pass before, and grows by half again (up to 1) where it did not;
     it starts at a half for a layer `coupled` to others: one rescaled between its first and its last call, whose
-    scale may move its later calls.
+    scale may move its later calls. With `center=True` (a `bias`, the layer's as measured), the feedback is the
+    secant through this pass's and the one before's biases and shifts, `G` at least `MIN_GAIN`.
     """
+    center = bias is not None
     spread_first, spread_every = (first.centered(), every.centered()) if center else (first, every)
     ratio = _ratio(spread_every.variance(), spread_first.variance())
     shift = (every.mean - first.mean) / scale if center and scale > 0 else None
     miss = math.log(_ratio(spread_every.variance(), criterion.target_variance))
     if earlier is None:
-        return Prediction(ratio, scale, 2.0, shift, miss, 0.5 if coupled else 1.0)
+        return Prediction(ratio, scale, 2.0, shift, miss, 0.5 if coupled else 1.0, bias)
     # The first call's variance goes as scale², the ratio as scale**(p - 2).
     secant = secant_exponent((earlier.scale, earlier.ratio * earlier.scale**2), (scale, ratio * scale**2), 2.0)
     step = earlier.step / 2 if miss * earlier.miss < 0 else min(1.0, earlier.step * 1.5)
-    return Prediction(ratio, scale, max(secant, 2.0), shift, miss, step)
+    feedback = earlier.feedback
+    if bias is not None and earlier.bias is not None and earlier.shift is not None and shift is not None:
+        moved, shifted = bias - earlier.bias, scale * shift - earlier.scale * earlier.shift
+        size = float(np.sum(np.square(moved)))
+        if size > 0 and np.all(np.isfinite(shifted)):
+            feedback = max(float(np.sum(moved * shifted)) / size, MIN_GAIN - 1.0)
+    return Prediction(ratio, scale, max(secant, 2.0), shift, miss, step, bias, feedback)
 
 
 def every_call(measured: list[Moments]) -> Moments:

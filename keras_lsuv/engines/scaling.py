@@ -17,7 +17,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lsuv.centering import Centering, channel_groups, find_centered_scale, with_means
+from keras_lsuv.centering import channel_groups, find_centered_scale, with_means
 from keras_lsuv.engines.forward import EngineBase
 from keras_lsuv.engines.state import LayerState, Pass, as_lsuv_error
 from keras_lsuv.processes import measurements_are_global
@@ -27,6 +27,7 @@ from keras_lsuv.rescale import (
     scaled_preactivation,
     unit_scale,
     variable_dtype,
+    write_bias,
     write_kernel,
 )
 from keras_lsuv.statistics import Moments, moments, on_accelerator, variance_on_device
@@ -153,30 +154,36 @@ class LayerScaling(EngineBase):
         """`center=True` in closed form: the bias set to `-s·mean_c(L)` and the kernel scaled by `s`, where `s` gives
         unit variance to the centered `s·(z - mean_c(z))` (`centering.py`); returns the layer's output at them.
 
-        With a prediction, the means and spread are those predicted over every call (`Prediction.moments`).
+        With a prediction, the means and spread are those predicted over every call (`Prediction.centering_bias`,
+        `Prediction.variance`).
         """
         target = state.target
         layer, kernel, original = target.layer, target.scaled_kernel, state.kernel_original()
         groups = channel_groups(target, z)
         before = moments(target.measured(z, args, kwargs), groups)
         spread = before.centered() if groups is not None else before
-        over_calls = before if state.prediction is None else state.prediction.moments(before, 1.0)  # its means
         limit = ScaleLimit.of(kernel, original, layer, output_peak(layer, z))
         with as_lsuv_error():
             record = find_scale(
                 target, _predicted(state, spread.variance), self.criterion, limit, exponent=_exponent(state)
             )
         write_kernel(kernel, original, record.scale)
+        written = None
         if groups is None:
             output = ops.multiply(z, record.scale)
         else:
+            # z = L + b: at scale s and bias b', the pre-activation is s·(z - b) + b'.
             bias = np.zeros(before.mean.shape) if target.host_bias is None else target.host_bias
-            Centering.of(target, over_calls, bias).write(record.scale)
-            means = ops.reshape(ops.convert_to_tensor(over_calls.mean.astype("float32")), groups)
-            output = ops.multiply(ops.subtract(z, means), record.scale)
+            if state.prediction is None:
+                written = -record.scale * (before.mean - bias)
+            else:
+                written = state.prediction.centering_bias(before.mean - bias, record.scale)
+            write_bias(layer.bias, written)
+            offset = ops.reshape(ops.convert_to_tensor((written - record.scale * bias).astype("float32")), groups)
+            output = ops.add(ops.multiply(z, record.scale), offset)
         after = moments(target.measured(output, args, kwargs), groups)
         state.measured.append(after)
-        predicted = after if state.prediction is None else state.prediction.moments(after, record.scale)
+        predicted = after if state.prediction is None else state.prediction.moments(after, record.scale, written)
         state.record = with_means(target, record, before, predicted, self.criterion)
         return activation(ops.cast(output, dtype))
 

@@ -39,7 +39,7 @@ from keras_lsuv.engines.state import LayerState, MergeState, Pass, Status
 from keras_lsuv.interception import is_traced
 from keras_lsuv.options import LSUVOptions
 from keras_lsuv.report import LayerRecord, MergeRecord
-from keras_lsuv.rescale import write_bias, write_kernel
+from keras_lsuv.rescale import float32_copy, write_bias, write_kernel
 from keras_lsuv.residual import Merge
 from keras_lsuv.statistics import moments
 from keras_lsuv.targets import Target, read_biases, without_activation
@@ -235,14 +235,17 @@ class SinglePass(LayerScaling, Merging, Settling):
         if first is None:  # rescaled on the device: its first call's moments are not known; the next pass knows
             this_pass.halt(state, state.first_tick)
             return
-        every = every_call([m for m in state.measured if m is not None])
+        every, target = every_call([m for m in state.measured if m is not None]), state.target
         state.passes, state.rescales = state.passes + 1, state.rescales + record.iterations
         coupled = any(
             other is not state and other.calls > 1 and state.first_tick < other.first_tick < state.last_tick
             for other in this_pass.tentative
         )
-        state.prediction = predict(first, every, record.scale, state.prediction, self.center, self.criterion, coupled)
-        value, target = every.variance(), state.target
+        bias = None
+        if self.center and target.has_bias:  # read back: the bias as the pass ran it
+            bias = np.asarray(keras.ops.convert_to_numpy(float32_copy(target.layer.bias)), "float64").reshape(-1)
+        state.prediction = predict(first, every, record.scale, state.prediction, self.criterion, coupled, bias)
+        value = every.variance()
         centered = not (self.center and target.has_bias) or is_centered(target, every, self.criterion)
         converged = reached(value, self.criterion) and centered
         predicted = record.converged  # its loop reached the target it predicted: the prediction, not the layer, missed

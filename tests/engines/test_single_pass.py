@@ -1,6 +1,8 @@
 """The single-pass engine on models that test its contract: layers called several times or inside traced
 functions, activations, interceptors left as found, errors raised inside a layer, the device path."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -367,11 +369,60 @@ def test_the_first_non_finite_layer_is_named_and_every_weight_restored(after_kin
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_block_shared_along_the_chain_is_settled_until_every_record_is_true():
-    # Depth 3 converges within the default 10 rescales for 20 of 20 seeds; depth 4 only for 4 of 20 (the sweeps
-    # approach the target slowly there, see the guide's "Layers called several times per pass").
-    model = zoo.SharedAlongTheChain(depth=3)
-    x = zoo.batch_for(model, n=128) * np.float32(3.0)
-    report = zoo.initialize_and_check(model, x)  # every call of every layer re-measured against the report
+def test_a_block_shared_along_the_chain_converges_for_nearly_every_seed():
+    # Each call of the block feeds the next, so the variance over every call of `ffn1` and `ffn2` moves with both
+    # scales: rescaled at once, for a prediction from the pass before, with secant steps and halved steps where they
+    # overshoot. Before (a sweep of the paper's step per layer, a pass per measure), depth 4 converged within the
+    # default 10 rescales for 4 of 20 seeds.
+    converged = 0
+    for seed in range(20):
+        keras.utils.set_random_seed(seed)
+        model = zoo.SharedAlongTheChain(depth=4)
+        x = zoo.batch_for(model, n=128, seed=seed) * np.float32(3.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a seed that does not converge says so: the oracle checks the rest
+            report = zoo.initialize_and_check(model, x)  # every call of every layer re-measured against the report
+        converged += report.converged
+    assert converged >= 19
+
+
+class Counted(layers.Layer):
+    """Counts the forward passes through it."""
+
+    passes = 0
+
+    def call(self, x):
+        Counted.passes += 1
+        return x
+
+
+@pytest.mark.parametrize("kind", ["time_distributed", "siamese", "time_distributed_unlike_frames"])
+def test_layers_called_several_times_take_passes_by_iterations_not_by_layers(kind):
+    # Five layers each called four (or two) times, their calls not feeding each other: all rescaled in the same
+    # passes. Before, each one halted a pass and was rescaled by passes of its own: 16 passes or more. Where the
+    # first call stands badly for the others (one frame 3x the others), the prediction of each layer's calls is
+    # made from the pass before, whose inputs the layers before it have moved since: a pass per layer, at most.
+    Counted.passes = 0
+    rng = np.random.default_rng(1)
+    if kind.startswith("time_distributed"):
+        inputs = keras.Input((4, 12))
+        h = Counted()(inputs)
+        for _ in range(5):
+            h = layers.TimeDistributed(layers.Dense(16, activation="tanh"))(h)
+        model = keras.Model(inputs, layers.Dense(3)(layers.Flatten()(h)))
+        x = rng.normal(size=(128, 4, 12)).astype("float32")
+        if kind == "time_distributed_unlike_frames":
+            x[:, 0] *= 3.0
+    else:
+        tower = keras.Sequential([layers.Dense(16, activation="relu") for _ in range(5)])
+        a, b = keras.Input((12,)), keras.Input((12,))
+        merged = layers.Concatenate()([tower(Counted()(a)), tower(b)])
+        model = keras.Model([a, b], layers.Dense(3)(merged))
+        x = [rng.normal(size=(128, 12)).astype("float32") for _ in range(2)]
+    model(x)
+    before = zoo.kernels_by_layer(model)
+    Counted.passes = 0
+    report = zoo.run(model, x)
+    assert Counted.passes <= (6 if kind == "time_distributed_unlike_frames" else 2), Counted.passes
+    zoo.assert_report_is_true(model, x, report, before)  # every call of every layer re-measured
     assert report.converged
-    assert report[model.ffn1].iterations > 1  # rescaled again once the layers after it had moved its variance

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
+import operator
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -92,9 +94,9 @@ def next_scale(
 ) -> tuple[Any, Any]:
     """The paper's stopping rule, once: given the variance measured at kernel scale `scale`, stop or rescale.
 
-    A pure function of numbers, the same on the host and on the device: `xp` is `numpy` for host floats (the
-    loop of `find_scale`) or `keras.ops` for a device scalar (`unit_scale`, where nothing may be read back), and
-    only `where` selects, never a branch.
+    A pure function of numbers, the same on the host and on the device: `xp` is `numpy` or `SCALARS` for host
+    floats (the loop of `find_scale` uses the latter) or `keras.ops` for a device scalar (`unit_scale`, where
+    nothing may be read back), and only `where` selects, never a branch.
 
     Example:
 
@@ -109,7 +111,7 @@ def next_scale(
         criterion: Target variance, tolerance and iteration limit.
         limit: The largest total scale the layer's dtypes hold (`ScaleLimit.scale`).
         floor: The least variance any kernel scale gives (the bias alone), where known.
-        xp: `numpy` or `keras.ops`.
+        xp: `numpy`, `SCALARS` or `keras.ops`.
 
     Returns:
         `(stop, proposed)`: a `Stop` code, and `scale·sqrt(target / variance)`, the scale to measure next when the
@@ -136,6 +138,44 @@ def next_scale(
     return stop, proposed
 
 
+class _Scalars:
+    """The functions `next_scale` uses, on Python floats (`SCALARS`): the same IEEE arithmetic as NumPy's on float64
+    scalars, without a ufunc call per operation (about 30 µs per decision with `numpy`, 3 µs with these).
+
+    NaN compares false as in NumPy, and `maximum` keeps a NaN first argument (the only one that can be NaN).
+    """
+
+    multiply = staticmethod(operator.mul)
+    divide = staticmethod(operator.truediv)
+    subtract = staticmethod(operator.sub)
+    less = staticmethod(operator.lt)
+    less_equal = staticmethod(operator.le)
+    greater = staticmethod(operator.gt)
+    abs = staticmethod(abs)
+    sqrt = staticmethod(math.sqrt)
+    isfinite = staticmethod(math.isfinite)
+    logical_not = staticmethod(operator.not_)
+
+    @staticmethod
+    def maximum(a: float, b: float) -> float:
+        return b if a < b else a
+
+    @staticmethod
+    def logical_or(a: bool, b: bool) -> bool:
+        return a or b
+
+    @staticmethod
+    def logical_and(a: bool, b: bool) -> bool:
+        return a and b
+
+    @staticmethod
+    def where(condition: bool, x: int, y: int) -> int:
+        return x if condition else y
+
+
+SCALARS = _Scalars()
+
+
 def find_scale(
     target: Target,
     variance_at: Callable[[float], float],
@@ -145,7 +185,7 @@ def find_scale(
 ) -> LayerRecord:
     """Runs LSUV's loop: while `|var - target| >= tol` and fewer than `T_max` rescales, `scale *= sqrt(target / var)`.
 
-    Each step is `next_scale`'s decision, on host floats.
+    Each step is `next_scale`'s decision, on host floats (`SCALARS`).
 
     Args:
         target: The layer being processed (for the record and messages).
@@ -168,7 +208,7 @@ def find_scale(
     scale, iterations = 1.0, 0
     initial = current = variance_at(scale)
     while True:
-        code, proposed = next_scale(current, scale, iterations, criterion, limit.scale, _floor(floor))
+        code, proposed = next_scale(current, scale, iterations, criterion, limit.scale, _floor(floor), SCALARS)
         stop = Stop(int(code))
         if stop != Stop.RESCALE:
             break
@@ -304,9 +344,10 @@ def float32_copy(kernel: keras.Variable) -> Any:
     """The kernel's own values in float32, read outside any autocast scope (never a float16 copy); a NumPy array
     where `statistics.on_host` keeps the kernel there."""
     with _no_autocast():
-        if on_host(kernel.value):
-            return np.array(host_values(kernel.value))
-        return ops.cast(ops.copy(kernel.value), "float32")
+        value = kernel.value
+    if on_host(value):
+        return np.array(host_values(value))
+    return ops.cast(ops.copy(value), "float32")
 
 
 def scaled_preactivation(z: Any, scale: float, bias: Any = None) -> Any:
@@ -366,7 +407,13 @@ def _no_autocast() -> Any:
 
 
 def _largest(dtype: Any) -> float:
-    return float(np.finfo(_dtype_name(dtype)).max) if _dtype_name(dtype) != "bfloat16" else 3.39e38
+    return _largest_of(_dtype_name(dtype))
+
+
+@functools.cache
+def _largest_of(name: str) -> float:
+    # `np.finfo` costs microseconds a call, and `ScaleLimit.of` asks for every target.
+    return float(np.finfo(name).max) if name != "bfloat16" else 3.39e38
 
 
 def _dtype_name(dtype: Any) -> str:

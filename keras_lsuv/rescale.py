@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import keras
 import numpy as np
 from keras import ops
+from keras.src.backend import AutocastScope  # private: see `_no_autocast`
 
 from keras_lsuv.report import LayerRecord
 from keras_lsuv.statistics import host_values, on_host
@@ -401,8 +402,6 @@ def _no_autocast() -> Any:
     # Inside a mixed-precision layer's call, Keras's autocast scope makes `variable.value` a float16/bfloat16 copy,
     # and torch's `assign` copies into `variable.value`: a write there is lost. Keras has no public way to leave
     # the scope; `AutocastScope(None)` is what `Layer.__call__` itself uses to switch autocasting off.
-    from keras.src.backend import AutocastScope
-
     return AutocastScope(None)
 
 
@@ -416,5 +415,7 @@ def _largest_of(name: str) -> float:
     return float(np.finfo(name).max) if name != "bfloat16" else 3.39e38
 
 
+@functools.cache
 def _dtype_name(dtype: Any) -> str:
+    # Cached: `standardize_dtype` costs 2 µs for a backend's dtype object, asked several times per target.
     return str(keras.backend.standardize_dtype(dtype))

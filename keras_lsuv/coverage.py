@@ -48,10 +48,10 @@ def find_uncovered(model: keras.Model, records: Mapping[Target, LayerRecord]) ->
         where the model has none).
     """
     walk = list(model._flatten_layers(include_self=True, recursive=True))  # as targets.py walks (Keras's own walk)
-    measured = [target.layer for target, record in records.items() if not record.skipped]
-    kept = [layer for layer in walk if is_deliberate_start(layer) and layer.built]
-    covered = {id(kernel) for layer in measured + kept for kernel in Target(layer).kernels}
-    covered |= {id(layer.bias) for layer in measured if getattr(layer, "bias", None) is not None}
+    measured = [target for target, record in records.items() if not record.skipped]
+    kept = [Target(layer) for layer in walk if is_deliberate_start(layer) and layer.built]
+    covered = {id(kernel) for target in measured + kept for kernel in target.kernels}
+    covered |= {id(target.layer.bias) for target in measured if target.has_bias}
     by_layer = {id(target.layer): record for target, record in records.items()}
     # The walk lists a layer before its sub-layers: reversed, the innermost layer holding a weight comes first.
     owner: dict[int, keras.layers.Layer] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -70,19 +71,23 @@ class Target:
         """Whether the layer has a bias variable (`use_bias=True`), zero or not."""
         return getattr(self.layer, "bias", None) is not None
 
-    @property
+    @functools.cached_property
     def scaled_kernel(self) -> keras.Variable:
         """The kernel whose scale sets the output variance (the pointwise one for separable convs, the matrix of an
-        embedding)."""
+        embedding).
+
+        Read once per target (a run makes its targets, and the engine asks at every step of a layer): a Keras
+        layer's `kernel` is a property that checks the layer's quantization and LoRA state at each read.
+        """
         if isinstance(self.layer, SEPARABLE):
             return self.layer.pointwise_kernel
         if self.is_embedding:
             return self.layer.embeddings
         return self.layer.kernel
 
-    @property
+    @functools.cached_property
     def kernels(self) -> list[keras.Variable]:
-        """Every kernel of the layer (both for separable convs)."""
+        """Every kernel of the layer (both for separable convs), read once per target as `scaled_kernel` is."""
         if isinstance(self.layer, SEPARABLE):
             return [self.layer.depthwise_kernel, self.layer.pointwise_kernel]
         return [self.scaled_kernel]
@@ -274,9 +279,10 @@ def read_biases(targets: list[Target]) -> None:
     else:
         flat = [ops.reshape(ops.cast(t.layer.bias, "float32"), (-1,)) for t in with_bias]
         values = np.asarray(ops.convert_to_numpy(ops.concatenate(flat)), dtype="float64")
-    ends = np.cumsum([int(np.prod(t.layer.bias.shape)) for t in with_bias])
-    for target, host_bias in zip(with_bias, np.split(values, ends[:-1]), strict=True):
-        target.host_bias = host_bias
+    start = 0
+    for target in with_bias:
+        end = start + math.prod(int(size) for size in target.layer.bias.shape)
+        target.host_bias, start = values[start:end], end
 
 
 def _copy(value: Any) -> Any:

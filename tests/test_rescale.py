@@ -13,6 +13,7 @@ from keras import layers, ops
 
 from keras_lsuv.rescale import (
     MIN_RELATIVE_VARIANCE,
+    SCALARS,
     Criterion,
     Stop,
     find_scale,
@@ -57,6 +58,22 @@ def test_each_rule_stops_the_loop_in_order(variance, scale, iterations, criterio
     else:
         assert stop == Stop.RESCALE
         assert proposed == pytest.approx(scale * math.sqrt(goal / variance), rel=1e-12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    variances,
+    scales,
+    st.integers(0, 12),
+    criteria,
+    st.sampled_from([math.inf, 10.0, 1.5]),
+    st.sampled_from([-math.inf, 0.5, 1.5, 1e3]),
+)
+def test_python_floats_take_numpys_decision_bit_for_bit(variance, scale, iterations, criterion, limit, floor):
+    on_floats = next_scale(variance, scale, iterations, criterion, limit, floor, SCALARS)
+    on_numpy = next_scale(variance, scale, iterations, criterion, limit, floor)
+    assert int(on_floats[0]) == int(on_numpy[0])
+    assert np.float64(on_floats[1]).tobytes() == np.float64(on_numpy[1]).tobytes()
 
 
 @settings(max_examples=200, deadline=None)

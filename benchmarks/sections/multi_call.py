@@ -146,6 +146,7 @@ def rows(config, repeats):
             row.update({f"{mode}_repeats": count, f"{mode}_passes": passes})
             if report is not None:
                 row[f"{mode}_converged"] = report.converged
+            if report is not None and "targets" not in row:
                 layers = [r.layer for r in report.records if r.layer is not None and not r.skipped]
                 calls = calls_per_pass(model, x, layers)
                 row.update(targets=len(calls), multi_call_targets=sum(c > 1 for c in calls), max_calls=max(calls))

@@ -26,6 +26,41 @@ FULL = {
         "12x Conv2D(32) relu, 16x16x3, batch 128": ("conv_stack", (12, (16, 16, 3), False, 32), 128, (16, 16, 3)),
         "transformer 4 blocks, 32x64 tokens, batch 64": ("transformer", (4, 32, 64, 4, 256), 64, (32, 64)),
     },
+    # Section 8, layers called several times per pass: label -> (`models` factory, its arguments, the factory of its
+    # batch, that one's arguments); the seconds each mode of a model may take; the cases whose first calls are timed
+    # in fresh processes (`None`: all), and how many processes per call.
+    "multi_call": {
+        "cases": {
+            "Perceiver, 64x32 patches, latent 16x64, 2 blocks, 2 iterations, batch 16": (
+                "perceiver",
+                (64, 32, 16, 64, 2, 2, 2),
+                "inputs",
+                (16, (64, 32)),
+            ),
+            "ALBERT tiny (keras-hub), 4 layers x 64, 1 group, 32 tokens, batch 16": (
+                "albert_tiny",
+                (4, 64, 2, 1000, 32),
+                "albert_inputs",
+                (16, 32, 1000),
+            ),
+            "siamese CNN tower, 16x16x3, batch 32": (
+                "siamese",
+                ((16, 16, 3), (16, 32), 32),
+                "pair_inputs",
+                (32, (16, 16, 3)),
+            ),
+            "TimeDistributed CNN, 8 frames of 16x16x3, batch 16": (
+                "time_distributed_cnn",
+                (8, (16, 16, 3), (8, 16)),
+                "inputs",
+                (16, (8, 16, 16, 3)),
+            ),
+            "residual MLP 4 blocks x 64 called twice, batch 256": ("shared_mlp", (4, 64, 2), "inputs", (256, (64,))),
+        },
+        "limit": 60,
+        "fresh": None,
+        "processes": 1,
+    },
 }
 TARGET_BATCHES = [("GPT-2", (12, 768, 12, 128), 32), ("ResNet50", (128,), 64)]
 # scripts/gpu_bench.sh: the GPU sizes (GPT-2 medium 24 x 1024 at 8 x 512 tokens, ResNet50 224² batch 64).
@@ -48,4 +83,16 @@ QUICK = {
     "memory_depth": 4,
     "initializer_shapes": [(64, 64), (3, 3, 16, 16)],
     "first_call": {"MLP 2x Dense(8) tanh, batch 4": ("mlp", (2, 8), 4, (8,))},
+    "multi_call": {
+        "cases": {
+            "Perceiver tiny": ("perceiver", (8, 8, 4, 8, 2, 1, 2), "inputs", (2, (8, 8))),
+            "ALBERT tiny": ("albert_tiny", (2, 16, 2, 50, 8), "albert_inputs", (2, 8, 50)),
+            "siamese tiny": ("siamese", ((8, 8, 3), (4,), 8), "pair_inputs", (2, (8, 8, 3))),
+            "TimeDistributed tiny": ("time_distributed_cnn", (2, (8, 8, 3), (4,)), "inputs", (2, (2, 8, 8, 3))),
+            "residual MLP tiny": ("shared_mlp", (2, 8, 2), "inputs", (4, (8,))),
+        },
+        "limit": 60,
+        "fresh": ["residual MLP tiny"],  # fresh processes cost seconds of imports each: one case checks the probe
+        "processes": 1,
+    },
 }

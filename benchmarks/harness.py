@@ -1,5 +1,5 @@
-"""What every benchmark section shares: the timed calls, the timer, host-read counting, processes per backend, and
-the machine and load the numbers were measured on.
+"""What every benchmark section shares: the timed calls, the timer, host-read and forward-pass counting, processes
+per backend, and the machine and load the numbers were measured on.
 
 Imports no other file of `benchmarks/`, so that the tests can use `counted_host_reads` (`benchmarks.harness`).
 """
@@ -32,20 +32,23 @@ def first_and_median(call, repeats):
 
 
 def forward(model, x):
-    """One eager forward pass, gradient recording off (torch), values fetched to the host."""
+    """One eager forward pass, gradient recording off (torch), values (each output of a model with several) fetched to
+    the host."""
     import keras
 
     from keras_lsuv.inference import inference_mode
 
     with inference_mode():
-        return keras.ops.convert_to_numpy(model(x, training=False))
+        return keras.tree.map_structure(keras.ops.convert_to_numpy, model(x, training=False))
 
 
-def lsuv(model, x, engine, orthonormal=True):
+def lsuv(model, x, engine, orthonormal=True, center=False):
     """`lsuv_init` with `engine`, seed 0, forced, silent."""
     import keras_lsuv
 
-    return keras_lsuv.lsuv_init(model, x, engine=engine, orthonormal=orthonormal, seed=0, force=True, verbose=0)
+    return keras_lsuv.lsuv_init(
+        model, x, engine=engine, orthonormal=orthonormal, center=center, seed=0, force=True, verbose=0
+    )
 
 
 def anyinit_installed():
@@ -84,6 +87,32 @@ def counted_host_reads():
         yield reads
     finally:
         ops.convert_to_numpy = convert
+
+
+@contextlib.contextmanager
+def counted_passes(model, batch):
+    """Counts the forward passes of `model` over `batch` samples (calls of its `call`) inside the block.
+
+    `Operation.__call__` looks `call` up at call time, so an instance attribute counts them; calls on other batch
+    sizes (a build on one sample) are left out.
+
+    Yields:
+        A list that gets one entry per pass.
+    """
+    import keras
+
+    call, passes = model.call, []
+
+    def counted(inputs, *args, **kwargs):
+        if keras.tree.flatten(inputs)[0].shape[0] == batch:
+            passes.append(batch)
+        return call(inputs, *args, **kwargs)
+
+    model.call = counted
+    try:
+        yield passes
+    finally:
+        del model.call
 
 
 def run_process(script, backend, *arguments):

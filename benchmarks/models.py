@@ -1,5 +1,6 @@
 """The models the benchmark measures, and their inputs: conv stacks, an MLP, a small transformer, a GPT-2 block
-stack, ResNet50, torch twins.
+stack, ResNet50, torch twins, and models whose layers are called several times per forward pass (a Perceiver, a
+tiny ALBERT, a siamese tower, a `TimeDistributed` CNN, a shared residual MLP).
 
 keras-hub's `GPT2Backbone` is not used: keras-hub is installed with `--no-deps` for the tests' sweep only (its
 declared dependencies pull `tensorflow-text` and with it the full `tensorflow` beside `tensorflow-cpu`), and the
@@ -181,3 +182,147 @@ def torch_resnet50(blocks=(3, 4, 6, 3), width=64, classes=1000):
         nn.Flatten(),
         nn.Linear(inputs, classes),
     )
+
+
+def perceiver(patches, patch_width, latent, width, heads, blocks, iterations, classes=10):
+    """keras.io's Perceiver (`perceiver_image_classification`) on `patches` x `patch_width` inputs (the example's
+    patches, flattened), without its data augmentation: a learned `latent` x `width` array, a cross-attention module
+    and a transformer module of `blocks` blocks (`heads` x `width` attention, a 2-layer GELU FFN of `width`), each built
+    once and called once per each of `iterations` iterations, then average pooling and a 2-layer head."""
+    import keras
+    from keras import layers
+
+    def ffn(units):
+        hidden = [layers.Dense(u, activation="gelu") for u in units[:-1]]
+        return keras.Sequential([*hidden, layers.Dense(units[-1]), layers.Dropout(0.1)])
+
+    def cross_attention():
+        latent_input = keras.Input((latent, width), name="latent_array")
+        data_input = keras.Input((patches, width), name="data_array")
+        latent_array = layers.LayerNormalization(epsilon=1e-6)(latent_input)
+        data_array = layers.LayerNormalization(epsilon=1e-6)(data_input)
+        query = layers.Dense(width)(latent_array)
+        key = layers.Dense(width)(data_array)
+        value = layers.Dense(width)(data_array)
+        attended = layers.Attention(use_scale=True, dropout=0.1)([query, key, value])
+        attended = layers.LayerNormalization(epsilon=1e-6)(layers.Add()([attended, latent_array]))
+        outputs = layers.Add()([ffn([width, width])(attended), attended])
+        return keras.Model({"latent_array": latent_input, "data_array": data_input}, outputs)
+
+    def transformer():
+        inputs = keras.Input((latent, width))
+        x0 = inputs
+        for _ in range(blocks):
+            x1 = layers.LayerNormalization(epsilon=1e-6)(x0)
+            x2 = layers.Add()([layers.MultiHeadAttention(heads, width, dropout=0.1)(x1, x1), x0])
+            x3 = ffn([width, width])(layers.LayerNormalization(epsilon=1e-6)(x2))
+            x0 = layers.Add()([x3, x2])
+        return keras.Model(inputs, x0)
+
+    class Perceiver(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.latent_array = self.add_weight(shape=(latent, width), initializer="random_normal")
+            self.projection = layers.Dense(width)
+            self.position_embedding = layers.Embedding(patches, width)
+            self.cross_attention = cross_attention()
+            self.transformer = transformer()
+            self.pooling = layers.GlobalAveragePooling1D()
+            self.head = ffn([width, classes])
+
+        def call(self, inputs):
+            encoded = self.projection(inputs) + self.position_embedding(keras.ops.arange(patches))
+            latent_array = keras.ops.expand_dims(self.latent_array, 0)
+            for _ in range(iterations):
+                latent_array = self.cross_attention({"latent_array": latent_array, "data_array": encoded})
+                latent_array = self.transformer(latent_array)
+            return self.head(self.pooling(latent_array))
+
+    return Perceiver()  # built by its first call, as in the example
+
+
+def albert_tiny(layers, hidden, heads, vocabulary, sequence_length):
+    """keras-hub's `AlbertBackbone` with one group: one transformer layer of `hidden` (`heads` heads, FFN 4x)
+    called `layers` times along the chain, on `sequence_length` tokens of a `vocabulary`."""
+    from keras_hub.models import AlbertBackbone
+
+    return AlbertBackbone(
+        vocabulary_size=vocabulary,
+        num_layers=layers,
+        num_heads=heads,
+        embedding_dim=hidden // 2,
+        hidden_dim=hidden,
+        intermediate_dim=4 * hidden,
+        num_groups=1,
+        max_sequence_length=sequence_length,
+    )
+
+
+def albert_inputs(batch, sequence_length, vocabulary):
+    """ALBERT's inputs: uniform random token ids (seed 0), one segment, no padding."""
+    import numpy as np
+
+    return {
+        "token_ids": token_ids(batch, sequence_length, vocabulary),
+        "segment_ids": np.zeros((batch, sequence_length), "int32"),
+        "padding_mask": np.ones((batch, sequence_length), "int32"),
+    }
+
+
+def siamese(image, filters, embedding):
+    """One tower (`filters`-channel Conv2D relu layers, pooling, a Dense `embedding`) applied to two `image` inputs;
+    a 2-layer head on `|a - b|` and `a * b`."""
+    import keras
+    from keras import layers
+
+    tower_input = keras.Input(image)
+    x = tower_input
+    for count in filters:
+        x = layers.Conv2D(count, 3, padding="same", activation="relu")(x)
+    tower = keras.Model(tower_input, layers.Dense(embedding)(layers.GlobalAveragePooling2D()(x)), name="tower")
+    left, right = keras.Input(image, name="left"), keras.Input(image, name="right")
+    a, b = tower(left), tower(right)
+    merged = layers.Concatenate()([keras.ops.abs(a - b), a * b])
+    hidden = layers.Dense(embedding, activation="relu")(merged)
+    return keras.Model({"left": left, "right": right}, layers.Dense(1)(hidden))
+
+
+def pair_inputs(batch, image):
+    """The siamese model's two inputs: standard normal batches (seeds 0 and 1)."""
+    import numpy as np
+
+    left, right = (np.random.default_rng(seed).normal(size=(batch, *image)).astype("float32") for seed in (0, 1))
+    return {"left": left, "right": right}
+
+
+def time_distributed_cnn(frames, image, filters, classes=10):
+    """`TimeDistributed` Conv2D relu layers of `filters` channels over `frames` frames of `image` (each convolution
+    called once per frame), pooling over space and time, a 2-layer head."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((frames, *image))
+    x = inputs
+    for count in filters:
+        x = layers.TimeDistributed(layers.Conv2D(count, 3, padding="same", activation="relu"))(x)
+    x = layers.GlobalAveragePooling1D()(layers.TimeDistributed(layers.GlobalAveragePooling2D())(x))
+    x = layers.Dense(filters[-1], activation="relu")(x)
+    return keras.Model(inputs, layers.Dense(classes)(x))
+
+
+def shared_mlp(blocks, width, calls, classes=10):
+    """A projection to `width`, one sub-model of `blocks` residual MLP blocks (`Dense(width, relu)`, `Dense(width)`,
+    added to the block's input) called `calls` times in a row, and a `Dense(classes)` head."""
+    import keras
+    from keras import layers
+
+    block_input = keras.Input((width,))
+    x = block_input
+    for _ in range(blocks):
+        x = layers.Add()([x, layers.Dense(width)(layers.Dense(width, activation="relu")(x))])
+    shared = keras.Model(block_input, x, name="shared_blocks")
+    inputs = keras.Input((width,))
+    x = layers.Dense(width)(inputs)
+    for _ in range(calls):
+        x = shared(x)
+    return keras.Model(inputs, layers.Dense(classes)(x))

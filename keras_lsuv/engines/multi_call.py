@@ -29,6 +29,11 @@ import numpy as np
 from keras_lsuv.rescale import Criterion, secant_exponent
 from keras_lsuv.statistics import Moments
 
+# A layer whose later calls depend on layers rescaled after its first call, and whose variance over every call is off
+# by more than this factor (log), starts with half steps: all such layers rescaled at once overshoot where the later
+# calls depend strongly on them (a residual block shared along a chain: 10x off, 0.13 after a full step), while a
+# modest miss (a Perceiver's, ALBERT's: 1.5-2x) is reached in one full step.
+COUPLED_MISS = math.log(2.5)
 # The least gain of every call's channel means per unit of bias the centering assumes: near 0 the bias would blow up.
 MIN_GAIN = 0.1
 
@@ -126,9 +131,10 @@ def predict(
     The exponent is the secant of `log(ratio)` against `log(scale)` through this pass and the one before, plus 2
     (`rescale.secant_exponent`), at least 2; where the scale hardly moved it stays as it was. The step halves where
     the variance went past the target since the pass before, and grows by half again (up to 1) where it did not;
-    it starts at a half for a layer `coupled` to others: one rescaled between its first and its last call, whose
-    scale may move its later calls. With `center=True` (a `bias`, the layer's as measured), the feedback is the
-    secant through this pass's and the one before's biases and shifts, `G` at least `MIN_GAIN`.
+    it starts at a half for a layer `coupled` to others (one rescaled between its first and its last call, whose
+    scale may move its later calls) whose variance over every call missed by more than `COUPLED_MISS`. With
+    `center=True` (a `bias`, the layer's as measured), the feedback is the secant through this pass's and the one
+    before's biases and shifts, `G` at least `MIN_GAIN`.
     """
     center = bias is not None
     spread_first, spread_every = (first.centered(), every.centered()) if center else (first, every)
@@ -136,7 +142,7 @@ def predict(
     shift = (every.mean - first.mean) / scale if center and scale > 0 else None
     miss = math.log(_ratio(spread_every.variance(), criterion.target_variance))
     if earlier is None:
-        return Prediction(ratio, scale, 2.0, shift, miss, 0.5 if coupled else 1.0, bias)
+        return Prediction(ratio, scale, 2.0, shift, miss, 0.5 if coupled and abs(miss) > COUPLED_MISS else 1.0, bias)
     # The first call's variance goes as scale², the ratio as scale**(p - 2).
     secant = secant_exponent((earlier.scale, earlier.ratio * earlier.scale**2), (scale, ratio * scale**2), 2.0)
     step = earlier.step / 2 if miss * earlier.miss < 0 else min(1.0, earlier.step * 1.5)

@@ -35,7 +35,7 @@ class Merging(EngineBase):
     def intercept_merge(
         self, state: MergeState, this_pass: Pass, original_call: Callable[..., Any]
     ) -> Callable[..., Any]:
-        """A merge's `call` during an inline pass: at its first call in a pass that has not halted, its branches
+        """A merge's `call` during a pass: at its first call in a pass that has not halted, its branches
         are scaled (`_solve_merge`) and it returns its output at that scale; otherwise it runs as it is."""
 
         def call(*args: Any, **kwargs: Any) -> Any:

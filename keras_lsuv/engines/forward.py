@@ -7,12 +7,14 @@ from typing import Any
 
 import keras
 
+from keras_lsuv.centering import channel_groups
 from keras_lsuv.engines.state import Abort, LayerState, MergeState, Pass
 from keras_lsuv.inference import inference_mode
-from keras_lsuv.interception import intercepted_calls
+from keras_lsuv.interception import intercepted_calls, is_traced
 from keras_lsuv.options import LSUVOptions
 from keras_lsuv.rescale import unit_scale_record
-from keras_lsuv.statistics import fetch
+from keras_lsuv.statistics import Moments, fetch, moments
+from keras_lsuv.targets import Target, without_activation
 
 
 class EngineBase:
@@ -52,6 +54,23 @@ class EngineBase:
         except Abort as abort:
             raise abort.error from None
 
+    def measure_call(
+        self,
+        target: Target,
+        original_call: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        record: Callable[[Moments], None],
+    ) -> Any:
+        """One call of `target` at its kernel as it is: gives `record` the moments of what the run measures of its
+        pre-activation (per channel with `center=True`), unless the call is traced; returns the layer's output."""
+        with without_activation(target.layer) as activation:
+            z = original_call(*args, **kwargs)
+        if not is_traced((args, kwargs)):
+            groups = channel_groups(target, z) if self.center else None
+            record(moments(target.measured(self.measure.of(z, activation), args, kwargs), groups))
+        return layer_output(target, original_call, args, kwargs, z, activation)
+
     def _read_back(self, this_pass: Pass) -> None:
         """Completes the records of the pass's layers rescaled on the device, in one transfer.
 
@@ -66,3 +85,21 @@ class EngineBase:
                     state.target, float(variance), float(scale), float(stop), self.criterion
                 )
                 state.on_device = None
+
+
+def layer_output(
+    target: Target,
+    original_call: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    preactivation: Any,
+    activation: Callable[[Any], Any],
+) -> Any:
+    """The layer's output, given its pre-activation, for the pass to go on with.
+
+    Keras's own `call` applies the activation last, so the output is `activation(preactivation)`. A `call` of the
+    layer's own may do more after the activation (`Dense.call(x) + ...`): it is called again, as it is.
+    """
+    if target.is_linear_in_kernel:
+        return activation(preactivation)
+    return original_call(*args, **kwargs)

@@ -18,7 +18,7 @@ import numpy as np
 from keras import ops
 
 from keras_lsuv.centering import channel_groups, find_centered_scale, with_means
-from keras_lsuv.engines.forward import EngineBase
+from keras_lsuv.engines.forward import EngineBase, layer_output
 from keras_lsuv.engines.state import LayerState, Pass, as_lsuv_error
 from keras_lsuv.processes import measurements_are_global
 from keras_lsuv.rescale import (
@@ -31,7 +31,7 @@ from keras_lsuv.rescale import (
     write_kernel,
 )
 from keras_lsuv.statistics import Moments, moments, on_accelerator, variance_on_device
-from keras_lsuv.targets import Target, without_activation
+from keras_lsuv.targets import without_activation
 
 
 class LayerScaling(EngineBase):
@@ -251,24 +251,6 @@ def _exponent(state: LayerState) -> float | None:
     """For a prediction of every call, the exponent of its variance in the scale (`Prediction.power`): the layer's
     loop then takes secant steps (`rescale.find_scale`); `None` otherwise (the paper's steps)."""
     return None if state.prediction is None else state.prediction.power
-
-
-def layer_output(
-    target: Target,
-    original_call: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    preactivation: Any,
-    activation: Callable[[Any], Any],
-) -> Any:
-    """The layer's output, given its pre-activation, for the pass to go on with.
-
-    Keras's own `call` applies the activation last, so the output is `activation(preactivation)`. A `call` of the
-    layer's own may do more after the activation (`Dense.call(x) + ...`): it is called again, as it is.
-    """
-    if target.is_linear_in_kernel:
-        return activation(preactivation)
-    return original_call(*args, **kwargs)
 
 
 def _lowest_variance(variance_at: Callable[[float], float]) -> float:

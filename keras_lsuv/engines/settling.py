@@ -16,17 +16,14 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_lsuv.centering import NO_BIAS_REASON, Centering, center_at, channel_groups, find_centered_scale, is_centered
+from keras_lsuv.centering import NO_BIAS_REASON, Centering, center_at, find_centered_scale, is_centered
 from keras_lsuv.engines.forward import EngineBase
 from keras_lsuv.engines.multi_call import every_call
-from keras_lsuv.engines.scaling import layer_output
 from keras_lsuv.engines.state import LayerState, MergeState, Status
-from keras_lsuv.interception import is_traced
 from keras_lsuv.report import LayerRecord, MergeRecord
 from keras_lsuv.rescale import ScaleLimit, find_scale, write_kernel
 from keras_lsuv.residual import Merge
-from keras_lsuv.statistics import Moments, moments, variance
-from keras_lsuv.targets import without_activation
+from keras_lsuv.statistics import Moments, variance
 
 
 class Settling(EngineBase):
@@ -145,13 +142,8 @@ class Settling(EngineBase):
                 return merge_call
 
             def call(*args: Any, **kwargs: Any) -> Any:
-                with without_activation(layer) as activation:
-                    z = original_call(*args, **kwargs)
-                if not is_traced((args, kwargs)):
-                    groups = channel_groups(final[layer].target, z) if self.center else None
-                    part = final[layer].target.measured(self.measure.of(z, activation), args, kwargs)
-                    measured[final[layer]].append(moments(part, groups))
-                return layer_output(final[layer].target, original_call, args, kwargs, z, activation)
+                state = final[layer]
+                return self.measure_call(state.target, original_call, args, kwargs, measured[state].append)
 
             return call
 
@@ -193,11 +185,7 @@ class Settling(EngineBase):
 
         def make_call(layer: keras.layers.Layer, original_call: Callable[..., Any]) -> Callable[..., Any]:
             def call(*args: Any, **kwargs: Any) -> Any:
-                with without_activation(layer) as activation:
-                    z = original_call(*args, **kwargs)
-                groups = channel_groups(target, z) if self.center else None
-                measured.append(moments(target.measured(self.measure.of(z, activation), args, kwargs), groups))
-                return layer_output(target, original_call, args, kwargs, z, activation)
+                return self.measure_call(target, original_call, args, kwargs, measured.append)
 
             return call
 

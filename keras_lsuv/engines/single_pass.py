@@ -30,10 +30,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_lsuv.centering import NO_BIAS_REASON, channel_groups, is_centered
+from keras_lsuv.centering import NO_BIAS_REASON, is_centered
 from keras_lsuv.engines.merging import TRACED_REASON, Merging
 from keras_lsuv.engines.multi_call import every_call, predict, reached
-from keras_lsuv.engines.scaling import LayerScaling, layer_output
+from keras_lsuv.engines.scaling import LayerScaling
 from keras_lsuv.engines.settling import Settling
 from keras_lsuv.engines.state import LayerState, MergeState, Pass, Status
 from keras_lsuv.interception import is_traced
@@ -41,8 +41,7 @@ from keras_lsuv.options import LSUVOptions
 from keras_lsuv.report import LayerRecord, MergeRecord
 from keras_lsuv.rescale import float32_copy, write_bias, write_kernel
 from keras_lsuv.residual import Merge
-from keras_lsuv.statistics import moments
-from keras_lsuv.targets import Target, read_biases, without_activation
+from keras_lsuv.targets import Target, read_biases
 
 
 def run_single_pass(
@@ -136,8 +135,8 @@ class SinglePass(LayerScaling, Merging, Settling):
                 this_pass.halt(state, state.first_tick)
             elif state.calls > 1:
                 state.multi_call = True
-                if state.status is Status.TENTATIVE:
-                    return self._measure_call(state, original_call, args, kwargs)
+                if state.status is Status.TENTATIVE:  # measured at the scale of its first call in this pass
+                    return self.measure_call(state.target, original_call, args, kwargs, state.measured.append)
             elif not this_pass.halted:  # after a halt nothing is final: leave it to the next pass
                 output = self.rescale_on_call(state, this_pass, original_call, args, kwargs)
                 state.status = Status.TENTATIVE
@@ -146,17 +145,6 @@ class SinglePass(LayerScaling, Merging, Settling):
             return original_call(*args, **kwargs)
 
         return call
-
-    def _measure_call(
-        self, state: LayerState, original_call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        """A later call of a layer rescaled in this pass: measured at that scale; returns its output."""
-        target = state.target
-        with without_activation(target.layer) as activation:
-            z = original_call(*args, **kwargs)
-        groups = channel_groups(target, z) if self.center else None
-        state.measured.append(moments(target.measured(self.measure.of(z, activation), args, kwargs), groups))
-        return layer_output(target, original_call, args, kwargs, z, activation)
 
     def _pass(self) -> bool:
         """One pass rescaling each pending layer at its first call; returns whether it halted (then another pass

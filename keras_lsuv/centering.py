@@ -75,8 +75,7 @@ class Centering:
     @classmethod
     def of_layer(cls, target: Target, stats: Moments) -> Centering:
         """`of`, for moments measured with the layer's bias as it is now (read here)."""
-        bias = np.asarray(ops.convert_to_numpy(float32_copy(target.layer.bias)), dtype="float64").reshape(-1)
-        return cls.of(target, stats, bias)
+        return cls.of(target, stats, bias_now(target))
 
     def bias(self, scale: float) -> np.ndarray:
         """The bias for the kernel multiplied by `scale`: `-scale·offsets`."""
@@ -113,6 +112,11 @@ class Centering:
         if size == 0:
             return self
         return dataclasses.replace(self, gain=float(np.sum(step[moved] * change[moved])) / size)
+
+
+def bias_now(target: Target) -> np.ndarray:
+    """The layer's bias as it is now, flat, float64 on the host (`Target.host_bias` is the one read before the run)."""
+    return np.asarray(ops.convert_to_numpy(float32_copy(target.layer.bias)), dtype="float64").reshape(-1)
 
 
 def off_center(target: Target, stats: Moments, criterion: Criterion) -> np.ndarray:

@@ -30,7 +30,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_lsuv.centering import NO_BIAS_REASON, is_centered
+from keras_lsuv.centering import NO_BIAS_REASON, bias_now, is_centered
 from keras_lsuv.engines.merging import TRACED_REASON, Merging
 from keras_lsuv.engines.multi_call import every_call, predict, reached
 from keras_lsuv.engines.scaling import LayerScaling
@@ -39,7 +39,7 @@ from keras_lsuv.engines.state import LayerState, MergeState, Pass, Status
 from keras_lsuv.interception import is_traced
 from keras_lsuv.options import LSUVOptions
 from keras_lsuv.report import LayerRecord, MergeRecord
-from keras_lsuv.rescale import float32_copy, write_bias, write_kernel
+from keras_lsuv.rescale import write_bias, write_kernel
 from keras_lsuv.residual import Merge
 from keras_lsuv.targets import Target, read_biases
 
@@ -231,7 +231,7 @@ class SinglePass(LayerScaling, Merging, Settling):
         )
         bias = None
         if self.center and target.has_bias:  # read back: the bias as the pass ran it
-            bias = np.asarray(keras.ops.convert_to_numpy(float32_copy(target.layer.bias)), "float64").reshape(-1)
+            bias = bias_now(target)
         state.prediction = predict(first, every, record.scale, state.prediction, self.criterion, coupled, bias)
         value = every.variance()
         centered = not (self.center and target.has_bias) or is_centered(target, every, self.criterion)

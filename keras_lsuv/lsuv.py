@@ -19,6 +19,7 @@ from keras_lsuv.orthonormal import redraw_orthonormal
 from keras_lsuv.processes import agree_on, run_across_processes, shared_seed
 from keras_lsuv.report import LayerRecord, LSUVReport, MergeRecord
 from keras_lsuv.residual import Merge, find_merges
+from keras_lsuv.stability import kernel_curvature, sgd_note
 from keras_lsuv.targets import Target, find_targets
 
 # Warnings point at the caller of `lsuv_init`, past `run_lsuv` and its `run_across_processes` wrapper.
@@ -138,6 +139,10 @@ def run_lsuv(model: keras.Model, x: Any, options: LSUVOptions) -> LSUVReport:
         report.records = list(records.values())
         report.merges = [merges[m] or m.skipped_record() for m in merges]
         report.uncovered, report.coverage = find_uncovered(model, records)
+        if options.center or options.residual:  # the options whose starts can be far stiffer than the paper's
+            scaled = [t for t in active if not records[t].skipped and not t.is_embedding]
+            report.curvature = kernel_curvature(model, batch, [kernel for t in scaled for kernel in t.kernels])
+            report.notes += [note] if (note := sgd_note(report.curvature)) else []
         if options.center or options.residual:  # the guard takes a bias LSUV set (centered, or scaled with its
             # residual branch) for a fresh one while it holds LSUV's values
             for target in active:
@@ -184,6 +189,8 @@ def run_lsuv(model: keras.Model, x: Any, options: LSUVOptions) -> LSUVReport:
                 UserWarning,
                 stacklevel=_CALLER,
             )
+    for note in report.notes:
+        warnings.warn(f"LSUV: {note}", UserWarning, stacklevel=_CALLER)
     if verbose:
         print(report)
     return report

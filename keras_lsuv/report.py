@@ -208,6 +208,15 @@ class LSUVReport:
             of every kernel-like weight (trainable, of rank 2 or more, neither
             an embedding table nor a bias; each variable counted once); 1.0
             for a model with none. `None` when the whole run was skipped.
+        curvature: With `center=True` or `residual=`, the curvature of a
+            cross-entropy on the model's outputs along the kernels LSUV
+            scaled, at the start it gave (`stability.kernel_curvature`: a
+            lower bound of the loss's top Hessian eigenvalue, which limits
+            SGD's stable learning rate); `None` otherwise.
+        notes: What the run's own measurements say beyond convergence: where
+            `curvature` is high, that SGD may be unstable at usual learning
+            rates, and what to do (`stability.sgd_note`). Each is also a
+            warning.
 
     Example:
 
@@ -234,6 +243,8 @@ class LSUVReport:
     merges: list[MergeRecord] = dataclasses.field(default_factory=list)
     uncovered: list[UncoveredLayer] = dataclasses.field(default_factory=list)
     coverage: float | None = None
+    curvature: float | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def converged(self) -> bool:
@@ -337,6 +348,7 @@ class LSUVReport:
             "records": [record.to_dict() for record in self.records],
             "merges": [merge.to_dict() for merge in self.merges],
             "uncovered": [entry.to_dict() for entry in self.uncovered],
+            "notes": list(self.notes),
         }
 
     @classmethod
@@ -447,6 +459,7 @@ class LSUVReport:
         if self.uncovered:
             lines += [""] + _aligned(self._uncovered_rows())
         lines.append(self._summary())
+        lines += [f"Note: {note}" for note in self.notes]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -467,6 +480,7 @@ class LSUVReport:
             table += _html_table("lsuv-merges", self._merge_rows())
         if self.uncovered:
             table += _html_table("lsuv-uncovered", self._uncovered_rows())
+        table += "".join(f'<p class="lsuv-note"><b>Note:</b> {html.escape(note)}</p>' for note in self.notes)
         return table
 
     def plot(self, ax: Axes | None = None) -> Axes:

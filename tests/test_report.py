@@ -92,6 +92,8 @@ def test_from_dict_follows_the_dataclass_fields():
         "merges",
         "uncovered",
         "coverage",
+        "curvature",
+        "notes",
     }
     assert set(data["records"][0]) == {
         "name",

@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 from keras_lsuv.centering import NO_BIAS_REASON, bias_now, is_centered
+from keras_lsuv.engines.frames import all_frames_at_once, frame_wrappers
 from keras_lsuv.engines.merging import TRACED_REASON, Merging
 from keras_lsuv.engines.multi_call import every_call, predict, reached
 from keras_lsuv.engines.scaling import LayerScaling
@@ -88,6 +89,8 @@ class SinglePass(LayerScaling, Merging, Settling):
             if self.merges
             else []
         )
+        # Wrappers whose frames run as one call during the passes (`frames`).
+        self.frame_wrappers = frame_wrappers(model, [t.layer for t in targets if not t.skip_reason])
         # In the order the passes first reached them: a dict as an ordered set, checked at every intercepted call.
         self.reached: dict[LayerState, None] = {}
         self.merges_reached: dict[Merge, None] = {}  # likewise, for the merges
@@ -158,6 +161,8 @@ class SinglePass(LayerScaling, Merging, Settling):
             state.calls, state.measured = 0, []
 
         def make_call(layer: Any, call: Callable[..., Any]) -> Callable[..., Any]:
+            if layer in wrappers:
+                return all_frames_at_once(layer, call)
             if layer in by_merge:
                 return self.intercept_merge(by_merge[layer], this_pass, call)
             if layer in by_layer:
@@ -172,7 +177,8 @@ class SinglePass(LayerScaling, Merging, Settling):
 
             return noted_call
 
-        self._forward(list(by_layer) + list(by_merge) + list(skipped) + self.normalizations, make_call)
+        wrappers = [w for w in self.frame_wrappers if w not in by_layer and w not in by_merge]
+        self._forward(list(by_layer) + list(by_merge) + list(skipped) + self.normalizations + wrappers, make_call)
         self._read_back(this_pass)  # after it, every record of the pass is complete
         self._end_pass(this_pass)
         end = this_pass.kept()

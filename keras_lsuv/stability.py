@@ -7,7 +7,7 @@ LSUV and 1,080 after `center=True`, whose SGD at lr 0.02 collapsed in its first 
 `3.8 / 1080`). `λ` itself takes gradients (no portable Keras API) and tens of passes. What two forward passes give is
 a lower bound: the Gauss-Newton curvature of a cross-entropy on the model's outputs along the direction that moves
 every kernel LSUV scaled along itself, each kernel's part of unit norm (`kernel_curvature`). On the study's networks
-(JAX, seed 0) it measures 0.01-0.26 after plain LSUV, 0.01 on a tanh MLP and on a pre-LN transformer with every
+(JAX, seed 0) it measures at most 0.26 after plain LSUV, 0.01 on a tanh MLP and on a pre-LN transformer with every
 option, 0.38 on a centered relu MLP (`λ` 44), and 1.6-6.7 on the centered residual CNN (with and without
 `residual="stream"`) and relu conv stack (`λ` 770-1,080): from `CURVATURE_NOTE` on the report says so, with the
 advice (`sgd_note`).
@@ -111,7 +111,7 @@ def sgd_note(curvature: float | None) -> str | None:
         return None
     return (
         f"this start may be unstable under SGD at usual learning rates: the loss's curvature along the kernels "
-        f"measures {curvature:.3g} (the study's plain-LSUV starts 0.01-0.26; its centered residual CNN 3.2, top "
+        f"measures {curvature:.3g} (the study's plain-LSUV starts at most 0.26; its centered residual CNN 3.2, top "
         "curvature 1,080, collapsed under SGD at lr 0.02). With SGD, clip the global gradient norm just above its "
         "starting value (global_clipnorm=) or lower the learning rate; or train with Adam. See the guide's "
         "'Which options?'."

@@ -8,7 +8,7 @@ import pytest
 
 import keras_lsuv
 from keras_lsuv import LSUVReport
-from keras_lsuv.stability import CURVATURE_NOTE, kernel_curvature
+from keras_lsuv.stability import CURVATURE_NOTE, SAMPLES, kernel_curvature
 
 
 def weights_of(model):
@@ -32,7 +32,7 @@ def test_kernel_curvature_of_a_linear_map_is_its_gauss_newton_form(units):
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(units, use_bias=False)])
     x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
     kernel = keras.ops.convert_to_numpy(model.layers[0].kernel).astype("float64")
-    z = x.astype("float64") @ kernel
+    z = x[:SAMPLES].astype("float64") @ kernel  # it measures the first `SAMPLES` samples
     moved = z / np.linalg.norm(kernel)
     if units == 1:
         p = 1 / (1 + np.exp(-z))
@@ -95,7 +95,7 @@ def test_a_centered_residual_cnn_gets_the_note():
     report, warned = run(model, x, center=True)
 
     scaled = [record.layer.kernel for record in report.records if not record.skipped]
-    measured = kernel_curvature(model, x, scaled)  # the model as LSUV left it (on its first `SAMPLES` samples)
+    measured = kernel_curvature(model, x, scaled)  # the model as LSUV left it
     assert measured == pytest.approx(report.curvature, rel=1e-6)
     assert measured >= CURVATURE_NOTE
     assert len(report.notes) == 1 and "unstable under SGD" in report.notes[0]

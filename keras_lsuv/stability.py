@@ -47,7 +47,8 @@ def kernel_curvature(model: keras.Model, batch: Any, kernels: Sequence[keras.Var
     the batch (and every other position) of `(J·d)ᵀ H (J·d)`, `H` a softmax's `diag(p) - p pᵀ` over the last axis of
     each output (a sigmoid's `p (1 - p)` where that axis has one unit): the outputs are read as logits. It is a lower
     bound of the top eigenvalue of the loss's Hessian near a start, where the Gauss-Newton part dominates it. Every
-    kernel and moving statistic is written back bit for bit.
+    kernel, moving statistic and seed state is written back bit for bit; a layer drawing noise in inference draws
+    the same in both passes.
 
     Example:
 
@@ -67,7 +68,10 @@ def kernel_curvature(model: keras.Model, batch: Any, kernels: Sequence[keras.Var
     batch = tree.map_structure(lambda tensor: tensor[:SAMPLES], batch)
     normalizations = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
     statistics = [variable for layer in normalizations for variable in layer.non_trainable_variables]
-    saved = [(variable, ops.copy(variable.value)) for variable in kernels + statistics]
+    # A layer drawing noise in inference too (a VAE's sampling) draws the same noise in both passes, and after them
+    # its seed is where it was (a `SeedGenerator`'s state variable, by the name Keras gives it).
+    seeds = [(v, ops.copy(v.value)) for v in model.non_trainable_variables if v.name == "seed_generator_state"]
+    saved = [(variable, ops.copy(variable.value)) for variable in kernels + statistics] + seeds
     values = [ops.convert_to_numpy(ops.cast(kernel.value, "float32")) for kernel in kernels]
     norms = [float(np.linalg.norm(value)) for value in values]
     moving = [(k, v, n) for k, v, n in zip(kernels, values, norms, strict=True) if n > 0]
@@ -76,6 +80,8 @@ def kernel_curvature(model: keras.Model, batch: Any, kernels: Sequence[keras.Var
     size = math.sqrt(len(moving))
 
     def outputs_at(step: float) -> list[np.ndarray]:
+        for seed, state in seeds:
+            seed.assign(state)
         for kernel, value, norm in moving:
             kernel.assign(ops.cast(value + (step / (norm * size)) * value, kernel.dtype))
         with intercepted_calls(normalizations, _in_training), inference_mode():

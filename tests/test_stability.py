@@ -45,6 +45,30 @@ def test_kernel_curvature_of_a_linear_map_is_its_gauss_newton_form(units):
     assert_same_bits(before, model)
 
 
+class Noisy(keras.layers.Layer):
+    """Adds large noise in inference too, as a VAE's sampling layer draws."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seed_generator = keras.random.SeedGenerator(1)
+
+    def call(self, x):
+        return x + 100.0 * keras.random.normal(keras.ops.shape(x), seed=self.seed_generator)
+
+
+def test_kernel_curvature_draws_the_same_noise_in_both_passes():
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(10, use_bias=False), Noisy()])
+    x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
+    kernel = keras.ops.convert_to_numpy(model.layers[0].kernel).astype("float64")
+    moved = x[:SAMPLES].astype("float64") @ kernel / np.linalg.norm(kernel)  # the noise cancels out of it
+    before = weights_of(model)
+
+    curvature = kernel_curvature(model, x, [model.layers[0].kernel])
+
+    assert 0 <= curvature <= np.mean(np.max(moved**2, axis=-1))  # a softmax's form is at most the largest square
+    assert_same_bits(before, model)  # the seed's state included
+
+
 def test_kernel_curvature_runs_batch_normalization_on_the_batch_statistics():
     # In fit, a BatchNormalization after a kernel divides its scale out: the outputs do not move along that kernel.
     model = keras.Sequential(

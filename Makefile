@@ -128,10 +128,12 @@ bench-quick: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
-# Small slices of examples/deep_thin_nets.py and examples/residual_nets.py (under 2 minutes on 2 CPU cores).
+# Small slices of examples/deep_thin_nets.py, examples/residual_nets.py and examples/optimizers.py (under 2 minutes
+# on 2 CPU cores).
 study-quick: $(STAMP)
 	KERAS_BACKEND=jax $(BIN)/python examples/deep_thin_nets.py --quick
 	KERAS_BACKEND=jax $(BIN)/python examples/residual_nets.py --quick
+	KERAS_BACKEND=jax $(BIN)/python examples/optimizers.py --quick
 
 # The full study behind docs/results.md (about 60 minutes on 2 CPU cores); rewrites the plots in docs/img. The
 # `anyinit` rows of the residual part need `pip install anyinit==0.4.0` (they are skipped without it).

@@ -219,11 +219,16 @@ def present(runs, key):
     return list(dict.fromkeys(r[key] for r in runs))
 
 
+def optimizers_of(runs):
+    """The optimizers of `runs`, in the order of `OPTIMIZERS`."""
+    return [optimizer for optimizer in OPTIMIZERS if any(r["optimizer"] == optimizer for r in runs)]
+
+
 def best_table(runs):
     """A markdown table, one row per network x initialization, one column per optimizer: the best mean accuracy
     over the learning rates (± its std over seeds), the learning rate reaching it, and every learning rate whose
     mean is within `ROBUST_MARGIN` of it."""
-    optimizers = present(runs, "optimizer")
+    optimizers = optimizers_of(runs)
     lines = [
         "| network | initialization | " + " | ".join(optimizers) + " |",
         "|---|---|" + "---|" * len(optimizers),
@@ -249,7 +254,7 @@ def sweep_table(runs, network):
     """A markdown table of one network: one row per initialization, one column per optimizer x learning rate (mean ±
     std accuracy over seeds)."""
     columns = sorted({(r["optimizer"], r["learning_rate"]) for r in runs if r["network"] == network})
-    order = present(runs, "optimizer")
+    order = optimizers_of(runs)
     columns.sort(key=lambda column: (order.index(column[0]), column[1]))
     lines = [
         "| initialization | " + " | ".join(f"{optimizer} {rate:g}" for optimizer, rate in columns) + " |",
@@ -296,11 +301,16 @@ def main(argv=None):
     parser.add_argument("--initializations", help="comma-separated initializations (default: all of the grid)")
     parser.add_argument("--optimizers", help="comma-separated optimizers to run (default: all of the grid)")
     parser.add_argument("--results-json", type=Path, help="write every run here (after each run)")
-    parser.add_argument("--tables-from", type=Path, nargs="+", help="only print the tables of these saved results")
+    parser.add_argument("--tables-from", type=Path, nargs="+", help="only print the tables of saved results")
     args = parser.parse_args(argv)
     if args.tables_from:
         saved = [json.loads(path.read_text()) for path in args.tables_from]
-        print(tables([r for s in saved for r in s["runs"]], [c for s in saved for c in s["curvatures"]]))
+        for backend in dict.fromkeys(s["backend"] for s in saved):  # one backend's runs at a time
+            same = [s for s in saved if s["backend"] == backend]
+            print(
+                f"backend: {backend}\n\n"
+                + tables([r for s in same for r in s["runs"]], [c for s in same for c in s["curvatures"]])
+            )
         return None
     grid = QUICK_GRID if args.quick else FULL_GRID
     if args.networks:

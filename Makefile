@@ -128,13 +128,16 @@ bench-quick: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
-# Small slices of examples/deep_thin_nets.py and examples/residual_nets.py (under 2 minutes on 2 CPU cores).
+# Small slices of examples/deep_thin_nets.py, examples/residual_nets.py and examples/optimizers.py (under 2 minutes
+# on 2 CPU cores).
 study-quick: $(STAMP)
 	KERAS_BACKEND=jax $(BIN)/python examples/deep_thin_nets.py --quick
 	KERAS_BACKEND=jax $(BIN)/python examples/residual_nets.py --quick
+	KERAS_BACKEND=jax $(BIN)/python examples/optimizers.py --quick
 
-# The full study behind docs/results.md (about 60 minutes on 2 CPU cores); rewrites the plots in docs/img. The
-# `anyinit` rows of the residual part need `pip install anyinit==0.4.0` (they are skipped without it).
+# The full study behind docs/results.md (about 60 minutes on 2 CPU cores for the first two parts, and 70 for the third:
+# 43 on JAX, 14 on TensorFlow, 13 on PyTorch); rewrites the plots in docs/img. The `anyinit` rows of the residual and
+# optimizer parts need `pip install anyinit==0.4.0` (they are skipped without it).
 study: $(STAMP)
 	KERAS_BACKEND=jax $(BIN)/python examples/deep_thin_nets.py --results-json build/study.json --plots-dir docs/img
 	KERAS_BACKEND=jax $(BIN)/python examples/residual_nets.py --results-json build/residual_jax.json
@@ -142,6 +145,11 @@ study: $(STAMP)
 		--results-json build/residual_tensorflow.json
 	KERAS_BACKEND=torch $(BIN)/python examples/residual_nets.py --networks resnet --results-json build/residual_torch.json
 	KERAS_BACKEND=jax $(BIN)/python examples/residual_nets.py --real-models-only
+	KERAS_BACKEND=jax $(BIN)/python examples/optimizers.py --results-json build/optimizers_jax.json
+	KERAS_BACKEND=tensorflow $(BIN)/python examples/optimizers.py --networks resnet \
+		--results-json build/optimizers_tensorflow.json
+	OMP_NUM_THREADS=1 KERAS_BACKEND=torch $(BIN)/python examples/optimizers.py --networks resnet \
+		--results-json build/optimizers_torch.json
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info .mypy_cache .coverage

@@ -24,6 +24,7 @@ optimizer state before `fit`.
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import time
@@ -45,6 +46,8 @@ BATCH_SIZE = 100
 LSUV_BATCH = 256
 TIMED_STEPS = 50
 LEARNING_RATE = 0.01
+# The study's optimizer: a function of the learning rate (schedule).
+SGD_MOMENTUM = functools.partial(keras.optimizers.SGD, momentum=0.9)
 
 
 @dataclasses.dataclass
@@ -187,14 +190,15 @@ class CompiledArchitecture:
         task: The task the model is trained on.
         epochs: Epochs per run (the learning-rate schedule spans them).
         learning_rate: The initial learning rate of the cosine schedule.
+        optimizer: A function of the learning-rate schedule that returns the optimizer.
     """
 
-    def __init__(self, model, task, epochs, learning_rate=LEARNING_RATE):
+    def __init__(self, model, task, epochs, learning_rate=LEARNING_RATE, optimizer=SGD_MOMENTUM):
         self.model = model
         steps = epochs * int(np.ceil(len(task.x_train) / BATCH_SIZE))
         schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
         self.model.compile(
-            optimizer=keras.optimizers.SGD(schedule, momentum=0.9),
+            optimizer=optimizer(schedule),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
         )

@@ -139,12 +139,13 @@ def run_lsuv(model: keras.Model, x: Any, options: LSUVOptions) -> LSUVReport:
         report.records = list(records.values())
         report.merges = [merges[m] or m.skipped_record() for m in merges]
         report.uncovered, report.coverage = find_uncovered(model, records)
-        if options.center or options.residual:  # the options whose starts can be far stiffer than the paper's
+        if options.center or options.residual:
+            # The options whose starts can be far stiffer than the paper's: how stiff, for SGD.
             scaled = [t for t in active if not records[t].skipped and not t.is_embedding]
             report.curvature = kernel_curvature(model, batch, [kernel for t in scaled for kernel in t.kernels])
             report.notes += [note] if (note := sgd_note(report.curvature)) else []
-        if options.center or options.residual:  # the guard takes a bias LSUV set (centered, or scaled with its
-            # residual branch) for a fresh one while it holds LSUV's values
+            # The guard takes a bias LSUV set (centered, or scaled with its residual branch) for a fresh one while it
+            # holds LSUV's values.
             for target in active:
                 if target.has_bias and not records[target].skipped:
                     note_lsuv_bias(target.layer, ops.convert_to_numpy(target.layer.bias))

@@ -3,13 +3,13 @@
 Heavy-ball SGD is stable only while `learning_rate * λ < 2 * (1 + momentum)`, `λ` the top eigenvalue of the loss's
 Hessian. The options beyond the paper can give a start of a much higher curvature than plain LSUV's: on the study's
 residual CNN without normalization (docs/results.md, parts 2 and 3), `λ` is 9 from Keras's default, 196 after plain
-LSUV and 1,080 after `center=True`, whose SGD at lr 0.02 collapsed in its first steps (lr 0.02 is 5.8 times past
-`3.8 / 1080`). `λ` itself takes gradients (no portable Keras API) and tens of passes. What two forward passes give is
+LSUV and 1,096 after `center=True`, whose SGD at lr 0.02 collapsed in its first steps (lr 0.02 is 5.8 times past
+`3.8 / 1096`). `λ` itself takes gradients (no portable Keras API) and tens of passes. What two forward passes give is
 a lower bound: the Gauss-Newton curvature of a cross-entropy on the model's outputs along the direction that moves
 every kernel LSUV scaled along itself, each kernel's part of unit norm (`kernel_curvature`). On the study's networks
 (JAX, seed 0) it measures at most 0.26 after plain LSUV, 0.01 on a tanh MLP and on a pre-LN transformer with every
 option, 0.32 on a centered relu MLP (`λ` 44), and 1.6-6.0 on the centered residual CNN (with and without
-`residual="stream"`) and relu conv stack (`λ` 770-1,080): from `CURVATURE_NOTE` on the report says so, with the
+`residual="stream"`) and relu conv stack (`λ` 759-1,096): from `CURVATURE_NOTE` on the report says so, with the
 advice (`sgd_note`).
 """
 
@@ -25,6 +25,7 @@ from keras import ops, tree
 
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.interception import intercepted_calls
+from keras_lsuv.processes import gather_statistics
 
 # The curvature along the kernels above which the report notes that SGD may be unstable at usual learning rates
 # (0.32 at most on the starts measured whose top curvature allows SGD at lr 0.02, 1.6 at least on the study's starts
@@ -54,11 +55,12 @@ def kernel_curvature(model: keras.Model, batch: Any, kernels: Sequence[keras.Var
 
     >>> report = keras_lsuv.lsuv_init(model, x, center=True, verbose=0)
     >>> report.curvature  # kernel_curvature(model, batch, the kernels LSUV scaled), as the run measured it
-    3.4
+    3.1
 
     Args:
         model: The model.
-        batch: The inputs, as the model takes them; its first `SAMPLES` samples are used.
+        batch: The inputs, as the model takes them; its first `SAMPLES` samples are used (under several
+            processes, each process's first `SAMPLES`, and every process gets the mean over all of them).
         kernels: The kernels (each variable once).
 
     Returns:
@@ -93,8 +95,9 @@ def kernel_curvature(model: keras.Model, batch: Any, kernels: Sequence[keras.Var
     finally:
         for variable, value in saved:
             variable.assign(value)
-    curvature = 0.0
-    for plus, minus in zip(ahead, behind, strict=True):
+    # Per output, the sum of the quadratic form over the positions, and how many: summed over the processes' shards.
+    sums = np.zeros((len(ahead), 2))
+    for row, (plus, minus) in zip(sums, zip(ahead, behind, strict=True), strict=True):
         logits = (plus + minus) / 2
         moved = (plus - minus) / (2 * STEP)
         if logits.ndim == 0 or logits.shape[-1] == 1:
@@ -104,7 +107,11 @@ def kernel_curvature(model: keras.Model, batch: Any, kernels: Sequence[keras.Var
             shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
             p = shifted / shifted.sum(axis=-1, keepdims=True)
             quadratic = np.sum(p * moved**2, axis=-1) - np.sum(p * moved, axis=-1) ** 2
-        curvature += float(np.mean(quadratic))
+        row[:] = float(np.sum(quadratic)), max(quadratic.size, 1)
+    gathered = gather_statistics(sums)
+    if gathered is not None:
+        sums = gathered.sum(axis=0)
+    curvature = float(np.sum(sums[:, 0] / sums[:, 1]))
     return curvature if math.isfinite(curvature) else math.nan
 
 
@@ -120,7 +127,7 @@ def sgd_note(curvature: float | None) -> str | None:
     return (
         f"this start may be unstable under SGD at usual learning rates: the loss's curvature along the kernels "
         f"measures {curvature:.3g} (the study's plain-LSUV starts at most 0.26; its centered residual CNN 3.1, top "
-        "curvature 1,080, collapsed under SGD at lr 0.02). With SGD, clip the global gradient norm just above its "
+        "curvature 1,096, collapsed under SGD at lr 0.02). With SGD, clip the global gradient norm just above its "
         "starting value (global_clipnorm=) or lower the learning rate; or train with Adam. See the guide's "
         "'Which options?'."
     )

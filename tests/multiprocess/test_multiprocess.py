@@ -154,6 +154,11 @@ def assert_global_lsuv(runs, name):
     if case["options"].get("measure", "preactivation") == "preactivation":
         assert_layers_reach_unit_variance(weights, case)
     assert all(result["cases"][name]["converged"] for result in runs[1])
+    curvatures = [result["cases"][name]["curvature"] for result in runs[1]]
+    if case["options"].get("center") or case["options"].get("residual"):  # every process notes the same
+        assert curvatures[0] > 0 and curvatures == [curvatures[0]] * cases.PROCESSES, curvatures
+    else:
+        assert curvatures == [None] * cases.PROCESSES
 
 
 def test_without_a_seed_one_process_draws_it_for_all(runs):

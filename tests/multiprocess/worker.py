@@ -81,7 +81,12 @@ def main():
         except ValueError as error:
             results["cases"][name] = {"error": str(error)}
             continue
-        results["cases"][name] = {"seconds": time.perf_counter() - start, "converged": report.converged, "error": None}
+        results["cases"][name] = {
+            "seconds": time.perf_counter() - start,
+            "converged": report.converged,
+            "curvature": report.curvature,
+            "error": None,
+        }
         for j, w in enumerate(cases.weights_of(model)):
             weights[f"{name}/{j}"] = w
 

@@ -7,10 +7,10 @@ LSUV and 1,096 after `center=True`, whose SGD at lr 0.02 collapsed in its first 
 `3.8 / 1096`). `λ` itself takes gradients (no portable Keras API) and tens of passes. What two forward passes give is
 a lower bound: the Gauss-Newton curvature of a cross-entropy on the model's outputs along the direction that moves
 every kernel LSUV scaled along itself, each kernel's part of unit norm (`kernel_curvature`). On the study's networks
-(JAX, seed 0) it measures at most 0.26 after plain LSUV, 0.01 on a tanh MLP and on a pre-LN transformer with every
-option, 0.32 on a centered relu MLP (`λ` 44), and 1.6-6.0 on the centered residual CNN (with and without
-`residual="stream"`) and relu conv stack (`λ` 759-1,096): from `CURVATURE_NOTE` on the report says so, with the
-advice (`sgd_note`).
+(docs/results.md, third part: JAX, seed 0) it measures 0.29 at most where λ lets SGD run at lr 0.02, under 0.01 on
+the pre-LN transformer from every start, and 1.6-6.0 on the centered starts (λ 759-1,096) of the resnet (with and
+without `residual="stream"`) and the relu conv stack, whose unclipped SGD failed or was erratic at lr 0.01-0.02, and
+of the deep thin Dense stack: from `CURVATURE_NOTE` on the report says so, with the advice (`sgd_note`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from keras_lsuv.interception import intercepted_calls
 from keras_lsuv.processes import gather_statistics
 
 # The curvature along the kernels above which the report notes that SGD may be unstable at usual learning rates
-# (0.32 at most on the starts measured whose top curvature allows SGD at lr 0.02, 1.6 at least on the study's starts
-# whose SGD collapsed).
+# (0.29 at most on the study's starts whose top curvature lets SGD run at lr 0.02, 1.6 at least on its centered
+# starts, whose top curvature does not).
 CURVATURE_NOTE = 1.0
 # The step of the central difference, in units of the direction's (unit) norm.
 STEP = 1e-2
@@ -126,7 +126,7 @@ def sgd_note(curvature: float | None) -> str | None:
         return None
     return (
         f"this start may be unstable under SGD at usual learning rates: the loss's curvature along the kernels "
-        f"measures {curvature:.3g} (the study's plain-LSUV starts at most 0.26; its centered residual CNN 3.1, top "
+        f"measures {curvature:.3g} (the study's plain-LSUV starts at most 0.29; its centered residual CNN 3.1, top "
         "curvature 1,096, collapsed under SGD at lr 0.02). With SGD, clip the global gradient norm just above its "
         "starting value (global_clipnorm=) or lower the learning rate; or train with Adam. See the guide's "
         "'Which options?'."

@@ -212,7 +212,9 @@ class LSUVReport:
             cross-entropy on the model's outputs along the kernels LSUV
             scaled, at the start it gave (`stability.kernel_curvature`: a
             lower bound of the loss's top Hessian eigenvalue, which limits
-            SGD's stable learning rate); `None` otherwise.
+            SGD's stable learning rate), on the outputs of shape `(batch,
+            units)` read as logits; `None` otherwise, and for a model with no
+            such output.
         notes: What the run's own measurements say beyond convergence: where
             `curvature` is high, that SGD may be unstable at usual learning
             rates, and what to do (`stability.sgd_note`). Each is also a

@@ -38,15 +38,17 @@ STEP = 1e-2
 SAMPLES = 16
 
 
-def kernel_curvature(model: keras.Model, batch: Any, kernels: Sequence[keras.Variable]) -> float:
+def kernel_curvature(model: keras.Model, batch: Any, kernels: Sequence[keras.Variable]) -> float | None:
     """The Gauss-Newton curvature of a cross-entropy on the model's outputs along its kernels' own directions.
 
     The direction `d` moves each kernel `W` along `W / ‖W‖`, scaled so that `‖d‖ = 1`. The change of the outputs
     along it, `J·d`, is a central difference of two forward passes as `fit` runs the model but for its noise: in
     inference mode (no dropout), each `BatchNormalization` on the batch's own statistics (which `fit` divides by,
-    undoing any scale before it; its moving statistics are put back). The curvature is the mean over
-    the batch (and every other position) of `(J·d)ᵀ H (J·d)`, `H` a softmax's `diag(p) - p pᵀ` over the last axis of
-    each output (a sigmoid's `p (1 - p)` where that axis has one unit): the outputs are read as logits. It is a lower
+    undoing any scale before it; its moving statistics are put back). The curvature is the mean over the batch of
+    `(J·d)ᵀ H (J·d)`, summed over the outputs of shape `(batch, units)`, `H` a softmax's `diag(p) - p pᵀ` (a
+    sigmoid's `p (1 - p)` for one unit): such outputs are read as a classifier's logits. Other outputs (a backbone's
+    hidden states, a segmentation's masks) are not a classifier's: left out, and a model with none is not measured.
+    It is a lower
     bound of the top eigenvalue of the loss's Hessian near a start, where the Gauss-Newton part dominates it. Every
     kernel, moving statistic and seed state is written back bit for bit; a layer drawing noise in inference draws
     the same in both passes.
@@ -64,7 +66,7 @@ def kernel_curvature(model: keras.Model, batch: Any, kernels: Sequence[keras.Var
         kernels: The kernels (each variable once).
 
     Returns:
-        The curvature, or NaN where an output is not finite.
+        The curvature, NaN where an output is not finite, or `None` where no output is of shape `(batch, units)`.
     """
     kernels = list({id(kernel): kernel for kernel in kernels}.values())
     batch = tree.map_structure(lambda tensor: tensor[:SAMPLES], batch)
@@ -88,19 +90,21 @@ def kernel_curvature(model: keras.Model, batch: Any, kernels: Sequence[keras.Var
             kernel.assign(ops.cast(value + (step / (norm * size)) * value, kernel.dtype))
         with intercepted_calls(normalizations, _in_training), inference_mode():
             out = model(batch, training=False)
-        return [ops.convert_to_numpy(ops.cast(o, "float64")) for o in tree.flatten(out)]
+        return [ops.convert_to_numpy(ops.cast(o, "float64")) for o in tree.flatten(out) if len(o.shape) == 2]
 
     try:
         ahead, behind = outputs_at(STEP), outputs_at(-STEP)
     finally:
         for variable, value in saved:
             variable.assign(value)
-    # Per output, the sum of the quadratic form over the positions, and how many: summed over the processes' shards.
+    if not ahead:
+        return None
+    # Per output, the sum of the quadratic form over the samples, and how many: summed over the processes' shards.
     sums = np.zeros((len(ahead), 2))
     for row, (plus, minus) in zip(sums, zip(ahead, behind, strict=True), strict=True):
         logits = (plus + minus) / 2
         moved = (plus - minus) / (2 * STEP)
-        if logits.ndim == 0 or logits.shape[-1] == 1:
+        if logits.shape[-1] == 1:
             p = 1 / (1 + np.exp(-np.clip(logits, -50, 50)))
             quadratic = p * (1 - p) * moved**2
         else:

@@ -87,6 +87,23 @@ def test_kernel_curvature_runs_batch_normalization_on_the_batch_statistics():
     assert_same_bits(before, model)  # moving statistics included
 
 
+def test_only_outputs_of_shape_batch_units_are_read_as_logits():
+    # A backbone's hidden states or a segmentation's masks are not a classifier's logits: not measured.
+    inputs = keras.Input((6, 4))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    sequence = keras.Model(inputs, keras.layers.Dense(5)(hidden))
+    x = np.random.default_rng(0).normal(size=(32, 6, 4)).astype("float32")
+    kernels = [layer.kernel for layer in sequence.layers[1:]]
+    assert kernel_curvature(sequence, x, kernels) is None
+    report, warned = run(sequence, x, center=True)
+    assert (report.curvature, report.notes, warned) == (None, [], [])
+
+    both = keras.Model(inputs, [keras.layers.Dense(5)(hidden), keras.layers.Dense(3)(keras.layers.Flatten()(hidden))])
+    alone = keras.Model(inputs, both.outputs[1])
+    kernels = [both.layers[1].kernel, both.layers[-1].kernel]
+    assert kernel_curvature(both, x, kernels) == pytest.approx(kernel_curvature(alone, x, kernels), rel=1e-9)
+
+
 def resnet(blocks=4, width=8):
     """The study's residual CNN without normalization (docs/results.md), smaller."""
     inputs = keras.Input((8, 8, 1))

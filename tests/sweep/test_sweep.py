@@ -387,6 +387,8 @@ def _check_lsuv_init(case, result, **options):
     ]
     if "residual" in options:
         result["merges"] = (sum(not m.skipped for m in report.merges), len(report.merges))
+    if options.get("center") or "residual" in options:  # none of these models starts stiff (the guide says so)
+        assert (report.curvature is None or report.curvature < 1.0) and not report.notes, report.curvature
 
 
 @pytest.mark.parametrize("case", params("fit"))

@@ -90,7 +90,8 @@ def kernel_curvature(model: keras.Model, batch: Any, kernels: Sequence[keras.Var
             kernel.assign(ops.cast(value + (step / (norm * size)) * value, kernel.dtype))
         with intercepted_calls(normalizations, _in_training), inference_mode():
             out = model(batch, training=False)
-        return [ops.convert_to_numpy(ops.cast(o, "float64")) for o in tree.flatten(out) if len(o.shape) == 2]
+        # To float64 on the host: JAX without x64 would truncate a device cast to float32, with a warning.
+        return [ops.convert_to_numpy(o).astype("float64") for o in tree.flatten(out) if len(o.shape) == 2]
 
     try:
         ahead, behind = outputs_at(STEP), outputs_at(-STEP)

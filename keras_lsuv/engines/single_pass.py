@@ -161,7 +161,7 @@ class SinglePass(LayerScaling, Merging, Settling):
             state.calls, state.measured = 0, []
 
         def make_call(layer: Any, call: Callable[..., Any]) -> Callable[..., Any]:
-            if layer in wrappers:
+            if layer in self.frame_wrappers:  # a wrapper, never a target nor a merge
                 return all_frames_at_once(layer, call)
             if layer in by_merge:
                 return self.intercept_merge(by_merge[layer], this_pass, call)
@@ -177,8 +177,8 @@ class SinglePass(LayerScaling, Merging, Settling):
 
             return noted_call
 
-        wrappers = [w for w in self.frame_wrappers if w not in by_layer and w not in by_merge]
-        self._forward(list(by_layer) + list(by_merge) + list(skipped) + self.normalizations + wrappers, make_call)
+        intercepted = list(by_layer) + list(by_merge) + list(skipped) + self.normalizations + self.frame_wrappers
+        self._forward(intercepted, make_call)
         self._read_back(this_pass)  # after it, every record of the pass is complete
         self._end_pass(this_pass)
         end = this_pass.kept()

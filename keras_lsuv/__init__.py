@@ -5,7 +5,7 @@ from keras_lsuv.lsuv import lsuv_init
 from keras_lsuv.options import LSUVOptions
 from keras_lsuv.orthonormal import Orthonormal
 from keras_lsuv.report import LayerRecord, LSUVReport, MergeRecord, UncoveredLayer
-from keras_lsuv.targets import default_targets
+from keras_lsuv.targets import default_targets, is_kernel_layer
 from keras_lsuv.version import __version__
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "Orthonormal",
     "UncoveredLayer",
     "default_targets",
+    "is_kernel_layer",
     "lsuv_init",
     "__version__",
 ]

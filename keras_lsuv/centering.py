@@ -30,6 +30,7 @@ from keras_lsuv.statistics import Moments
 from keras_lsuv.targets import Target
 
 NO_BIAS_REASON = "no bias: scaled only, not centered"
+RECURRENT_REASON = "recurrent: its input projection scaled only, not centered (its bias sets the gates' offsets)"
 # A channel counts as centered when its mean is within this fraction of the target standard deviation, by the
 # compute dtype of its layer. The bias is added in that dtype, so the channel means cannot be set more finely than
 # its rounding of the bias, |b|·2^-(p+1) for p bits of mantissa: bfloat16's 7 bits miss 1% once |b| passes 2.5
@@ -222,7 +223,7 @@ def with_means(
     """
     reason, converged = record.reason, record.converged
     if not target.has_bias and converged:
-        reason = NO_BIAS_REASON
+        reason = uncentered_reason(target)
     elif target.has_bias and converged and not is_centered(target, after, criterion):
         converged, reason = False, not_centered_reason(target, after, criterion, centering)
     return dataclasses.replace(
@@ -233,6 +234,12 @@ def with_means(
         converged=converged,
         reason=reason,
     )
+
+
+def uncentered_reason(target: Target) -> str:
+    """Why `target`, which `center=True` does not center, converged scaled only: it has no bias, or it is a
+    recurrent layer."""
+    return RECURRENT_REASON if target.is_recurrent else NO_BIAS_REASON
 
 
 def not_centered_reason(target: Target, after: Moments, criterion: Criterion, centering: Centering | None) -> str:

@@ -8,9 +8,11 @@ not cover its weights.
 
 Kernel-like weights are the trainable weights of rank 2 or more but tables and biases: the weights of `Embedding`
 layers, the weights whose path names an embedding (`"embed"` in it: token, position, class and prompt embeddings of
-layers written elsewhere) and the weights named `bias` (`EinsumDense`'s is `(heads, dim)`). A table is a lookup and
-a bias an added vector, not a linear map of the layer's input: they are listed, but the coverage figure and the
-warning count kernel-like weights only. A measured target covers its bias too.
+layers written elsewhere) and the weights `targets.is_kernel_weight` says are no map: a name that says they are a
+table or an added vector (`bias`, as `EinsumDense`'s `(heads, dim)` one, `token`, `table`, `pos`), or one input
+alone (a class token `(1, 1, dim)`). A table is a lookup and a bias an added vector, not a linear map of the layer's
+input: they are listed, but the coverage figure and the warning count kernel-like weights only. A measured target
+covers its bias too.
 """
 
 from __future__ import annotations
@@ -21,11 +23,22 @@ from collections.abc import Mapping
 import keras
 
 from keras_lsuv.report import LayerRecord, UncoveredLayer
-from keras_lsuv.targets import EMBEDDINGS, TARGET_CLASSES, Target, is_deliberate_start
+from keras_lsuv.targets import (
+    EMBEDDINGS,
+    TARGET_CLASSES,
+    Target,
+    holds_targets,
+    is_deliberate_start,
+    is_kernel_layer,
+    is_kernel_weight,
+    is_recurrent,
+    own_kernels,
+)
 
 NOT_A_TARGET_KIND = "not a layer LSUV initializes"
 NOT_CHOSEN = "not chosen as a target (targets= can choose it)"
 NOT_A_SCALED_KERNEL = "not a kernel LSUV scales"
+HOLDS_TARGETS = "a kernel of a layer whose sub-layers are targets: they are measured, not the layer as a whole"
 
 
 def find_uncovered(model: keras.Model, records: Mapping[Target, LayerRecord]) -> tuple[list[UncoveredLayer], float]:
@@ -53,6 +66,8 @@ def find_uncovered(model: keras.Model, records: Mapping[Target, LayerRecord]) ->
     covered = {id(kernel) for target in measured + kept for kernel in target.kernels}
     covered |= {id(target.layer.bias) for target in measured if target.has_bias}
     by_layer = {id(target.layer): record for target, record in records.items()}
+    # A recurrent layer's weights are its cell's: the cell is listed, with its layer's reason.
+    chosen_as = {id(layer.cell): layer for layer in walk if is_recurrent(layer)}
     # The walk lists a layer before its sub-layers: reversed, the innermost layer holding a weight comes first.
     owner: dict[int, keras.layers.Layer] = {}
     for layer in reversed(walk):
@@ -73,7 +88,9 @@ def find_uncovered(model: keras.Model, records: Mapping[Target, LayerRecord]) ->
             continue
         entry = found.setdefault(
             id(layer),
-            UncoveredLayer(layer.name, type(layer).__name__, reason=_reason(layer, by_layer), layer=layer),
+            UncoveredLayer(
+                layer.name, type(layer).__name__, reason=_reason(chosen_as.get(id(layer), layer), by_layer), layer=layer
+            ),
         )
         entry.weights[_path(weight)] = [int(n) for n in weight.shape]
         entry.parameters += size
@@ -106,12 +123,15 @@ def _reason(layer: keras.layers.Layer, records: Mapping[int, LayerRecord]) -> st
     record = records.get(id(layer))
     if record is not None:
         return (record.reason or "") if record.skipped else NOT_A_SCALED_KERNEL
-    return NOT_CHOSEN if isinstance(layer, TARGET_CLASSES + EMBEDDINGS) else NOT_A_TARGET_KIND
+    if isinstance(layer, TARGET_CLASSES + EMBEDDINGS) or is_kernel_layer(layer) or is_recurrent(layer):
+        return NOT_CHOSEN
+    custom = not type(layer).call.__module__.startswith("keras.")
+    return HOLDS_TARGETS if custom and own_kernels(layer) and holds_targets(layer) else NOT_A_TARGET_KIND
 
 
 def _is_table_or_bias(layer: keras.layers.Layer, weight: keras.Variable) -> bool:
     """Whether `weight` of `layer` is no kernel: an embedding table or a bias (see the module's docstring)."""
-    return isinstance(layer, EMBEDDINGS) or "embed" in _path(weight).lower() or weight.name == "bias"
+    return isinstance(layer, EMBEDDINGS) or "embed" in _path(weight).lower() or not is_kernel_weight(weight)
 
 
 def _path(weight: keras.Variable) -> str:

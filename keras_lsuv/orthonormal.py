@@ -14,7 +14,7 @@ import numpy as np
 from keras import ops
 
 from keras_lsuv.statistics import on_accelerator
-from keras_lsuv.targets import DEPTHWISE, SEPARABLE, TRANSPOSED, Target
+from keras_lsuv.targets import DEPTHWISE, SEPARABLE, TRANSPOSED, Target, is_recurrent
 
 # The Householder reflections of `haar_orthonormal` are applied this many at a time (the blocked, compact WY form).
 # On the kernels of ResNet50 and GPT-2 on a 2-core CPU (`benchmarks/step1.py`), blocks of 256 and 512 were within
@@ -296,7 +296,11 @@ def redraw_orthonormal(targets: Sequence[Target], seed: int | None = None) -> No
     `(*k, filters, in)` maps `in` channels to `k·filters` outputs, so its matrix
     is `(in, prod(k)·filters)`. A depthwise kernel `(*k, in, multiplier)` gets
     one independent `(prod(k), multiplier)` matrix per input channel; a
-    separable conv has a depthwise and a pointwise kernel.
+    separable conv has a depthwise and a pointwise kernel. A kernel layer's
+    kernels (`targets.is_kernel_layer`) are flattened as Dense kernels are, but
+    an `(experts, in, out)` kernel (rank 3, `expert` in its name: keras-hub's
+    mixture-of-experts banks), which gets one `(in, out)` matrix per expert.
+    A recurrent layer's input and recurrent kernels get one matrix per gate.
 
     All matrices of one shape, across layers, are drawn in one batched
     `orthonormal_matrices` call on the backend's device (every attention
@@ -368,4 +372,14 @@ def _layout(layer: keras.layers.Layer, kernel: keras.Variable) -> tuple[int, int
             channels,
             lambda xp, matrices: xp.reshape(xp.swapaxes(matrices, 0, 1), shape),
         )
+    if is_recurrent(layer):  # `(rows, gates·units)`: one `(rows, units)` matrix per gate
+        rows, units = shape[0], int(layer.cell.units)
+        return (
+            rows,
+            units,
+            shape[1] // units,
+            lambda xp, matrices: xp.reshape(xp.swapaxes(matrices, 0, 1), shape),
+        )
+    if len(shape) == 3 and "expert" in kernel.name.lower():  # `(experts, in, out)`: one matrix per expert
+        return shape[1], shape[2], shape[0], lambda xp, matrices: xp.reshape(matrices, shape)
     return math.prod(shape[:-1]), shape[-1], 1, lambda xp, matrices: xp.reshape(matrices, shape)

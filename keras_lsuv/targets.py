@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,6 +37,13 @@ EMBEDDINGS = (layers.Embedding,)
 TRANSPOSED = (layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose)
 DEPTHWISE = (layers.DepthwiseConv1D, layers.DepthwiseConv2D)
 SEPARABLE = (layers.SeparableConv1D, layers.SeparableConv2D)
+# The cells whose input kernel LSUV scales, in `keras.layers.RNN` layers (`SimpleRNN`, `LSTM`, `GRU`, `RNN(cell)`):
+# each maps the step's input by `kernel` (`(in, gates·units)`, gates side by side) and its state by
+# `recurrent_kernel` (`(units, gates·units)`).
+RECURRENT_CELLS = (layers.SimpleRNNCell, layers.LSTMCell, layers.GRUCell)
+# Names of weights that hold tables or added vectors, not a linear map of the layer's input: embeddings, class and
+# mask tokens, positional tables, biases.
+TABLE_OR_BIAS_NAME = re.compile(r"embed|token|table|bias|(^|_)pos(_|$|ition)", re.IGNORECASE)
 
 
 @dataclasses.dataclass(eq=False)
@@ -68,8 +76,38 @@ class Target:
 
     @property
     def has_bias(self) -> bool:
-        """Whether the layer has a bias variable (`use_bias=True`), zero or not."""
-        return getattr(self.layer, "bias", None) is not None
+        """Whether the layer has a bias variable (`use_bias=True`), zero or not; a kernel layer's `bias`, if any,
+        is not known to be added to its output per channel, so it has none here."""
+        return getattr(self.layer, "bias", None) is not None and not (self.is_kernel_layer or self.is_recurrent)
+
+    @functools.cached_property
+    def is_recurrent(self) -> bool:
+        """Whether the layer is a recurrent layer (`is_recurrent`): its input kernel is measured on the input
+        projection of every step (`input_projection`), in closed form."""
+        return is_recurrent(self.layer)
+
+    def input_projection(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A recurrent layer's input projection `x_t @ kernel` over every step of the call with `args`/`kwargs`
+        (float32, without bias, the steps the call's mask leaves out left out), one row per step.
+
+        It is what the cell computes of its input at each step, before the gates mix it with the state; it is linear
+        in the kernel and the same in every step, so all steps are computed in one product, whatever the layer's
+        `unroll`, direction or backend loop (JAX's `scan`).
+        """
+        sequences = args[0] if args else kwargs["sequences"]
+        mask = kwargs.get("mask", args[2] if len(args) > 2 else None)
+        z = ops.matmul(ops.cast(sequences, "float32"), ops.cast(self.scaled_kernel, "float32"))
+        z = ops.reshape(z, (-1, z.shape[-1]))
+        if mask is None:
+            return z
+        keep = np.flatnonzero(np.asarray(ops.convert_to_numpy(mask)).reshape(-1))
+        return ops.take(z, keep, axis=0)
+
+    @functools.cached_property
+    def is_kernel_layer(self) -> bool:
+        """Whether the layer is a kernel layer (`is_kernel_layer`): measured on its whole output, activation
+        included, and rescaled by evaluating it again."""
+        return is_kernel_layer(self.layer)
 
     @functools.cached_property
     def scaled_kernel(self) -> keras.Variable:
@@ -83,6 +121,10 @@ class Target:
             return self.layer.pointwise_kernel
         if self.is_embedding:
             return self.layer.embeddings
+        if self.is_kernel_layer:
+            return scaled_kernel_of(self.layer)
+        if self.is_recurrent:
+            return self.layer.cell.kernel
         return self.layer.kernel
 
     @functools.cached_property
@@ -90,6 +132,10 @@ class Target:
         """Every kernel of the layer (both for separable convs), read once per target as `scaled_kernel` is."""
         if isinstance(self.layer, SEPARABLE):
             return [self.layer.depthwise_kernel, self.layer.pointwise_kernel]
+        if self.is_kernel_layer:
+            return own_kernels(self.layer)
+        if self.is_recurrent:
+            return [self.layer.cell.kernel, self.layer.cell.recurrent_kernel]
         return [self.scaled_kernel]
 
     @property
@@ -127,7 +173,31 @@ class Target:
         """
         if getattr(self.layer, "logit_soft_cap", None) is not None or getattr(self.layer, "tie_weights", True) is False:
             return False
+        if self.is_kernel_layer or self.is_recurrent:
+            return False
         return bool(type(self.layer).call.__module__.startswith("keras."))
+
+    @contextlib.contextmanager
+    def activation_removed(self) -> Iterator[Callable[[Any], Any]]:
+        """The block runs the layer without its fused activation (`without_activation`); yields the activation.
+
+        A kernel layer's `activation`, if it has one, may be applied anywhere in its `call` (keras-hub's
+        experts gate with it): it is left in place, and the identity is yielded.
+        """
+        if self.is_kernel_layer:
+            yield keras.activations.linear
+            return
+        with without_activation(self.layer) as activation:
+            yield activation
+
+    def unmeasurable(self, output: Any) -> str | None:
+        """Why the output of one of the layer's calls cannot be measured (not one floating tensor: a kernel layer
+        may return anything), or `None`."""
+        if not (hasattr(output, "shape") and hasattr(output, "dtype")):
+            return f"its output is not one tensor ({type(output).__name__}): LSUV measures one output"
+        if "float" not in keras.backend.standardize_dtype(output.dtype):
+            return f"its output is not floating ({keras.backend.standardize_dtype(output.dtype)})"
+        return None
 
     def skipped_record(self, reason: str | None = None) -> LayerRecord:
         """The record of a target LSUV left alone: `reason`, its skip reason, or that the pass never reached it."""
@@ -136,7 +206,7 @@ class Target:
 
     def adds_bias(self) -> bool:
         """True when the layer has a bias that is not all zero, as `host_bias` says (read here if not read yet)."""
-        if getattr(self.layer, "bias", None) is None:
+        if not self.has_bias:
             return False
         if self.host_bias is None:
             read_biases([self])
@@ -164,9 +234,11 @@ class Target:
 
 def default_targets(layer: keras.layers.Layer) -> bool:
     """Whether LSUV initializes `layer` unless told otherwise (`targets=None`): every `Dense`, `EinsumDense` and
-    convolution (`ConvND`, `ConvNDTranspose`, `DepthwiseConvND`, `SeparableConvND`), subclasses included, but a
-    deliberate start (`is_deliberate_start`: a kernel its author initialized to zeros, as a PointNet T-net's or a
-    ReZero-style branch's last layer).
+    convolution (`ConvND`, `ConvNDTranspose`, `DepthwiseConvND`, `SeparableConvND`), subclasses included, every
+    recurrent layer (`is_recurrent`: `SimpleRNN`, `LSTM`, `GRU`, by their input kernel), and every kernel layer
+    (`is_kernel_layer`: a layer of its own with kernels of its own, such as a graph attention layer or keras-hub's
+    mixture-of-experts bank), but a deliberate start (`is_deliberate_start`: a kernel its author
+    initialized to zeros, as a PointNet T-net's or a ReZero-style branch's last layer).
 
     With `targets=None` a deliberate start gets a record, skipped with that reason, and keeps its weights
     bit-identical; a `targets=` that builds on this function (`default_targets(layer) and ...`) keeps it too, without
@@ -184,7 +256,91 @@ def default_targets(layer: keras.layers.Layer) -> bool:
     Returns:
         `True` for a layer of those kinds that is not a deliberate start.
     """
-    return isinstance(layer, TARGET_CLASSES) and not is_deliberate_start(layer)
+    return (
+        isinstance(layer, TARGET_CLASSES) or is_kernel_layer(layer) or is_recurrent(layer)
+    ) and not is_deliberate_start(layer)
+
+
+def is_kernel_layer(layer: keras.layers.Layer) -> bool:
+    """Whether `layer` is a kernel layer: one LSUV initializes as a whole because it holds kernels of its own.
+
+    That is a built layer, not a model, with a `call` written outside Keras (a user's layer, a keras-hub layer),
+    holding trainable kernels of its own (`own_kernels`: weights of rank 2 or more that map more than one input,
+    tables and biases left out by name), none of whose sub-layers is a target (a layer that holds `Dense` layers
+    beside a kernel of its own is left out: its sub-layers are measured on their own; `report.uncovered` lists the
+    kernel). Keras's own layers with kernels are targets of their own kind (`Dense`, the convolutions), tables
+    (`Embedding`) or cells of an `RNN`.
+
+    LSUV measures such a layer's whole output, as its `call` returns it (its activation included, wherever the
+    `call` applies it), and rescales one kernel (`scaled_kernel_of`) by evaluating the layer again at each scale
+    tried, the paper's loop, which does not assume the output is linear in the kernel. A layer whose output is
+    not one floating tensor is left alone with that reason. Step 1 draws all its kernels orthonormal, each
+    `(experts, inputs, outputs)` kernel (a name with `expert` in it) one matrix per expert.
+
+    Example:
+
+    >>> class GraphAttention(keras.layers.Layer):
+    ...     def build(self, shape):
+    ...         self.kernel = self.add_weight(shape=(shape[-1], 16))
+    ...         self.kernel_attention = self.add_weight(shape=(32, 1))
+    >>> keras_lsuv.is_kernel_layer(built_graph_attention)
+    True
+
+    Args:
+        layer: A Keras layer.
+
+    Returns:
+        `True` for such a layer.
+    """
+    if type(layer).call.__module__.startswith("keras."):  # Keras's own: a target kind, a table, a cell
+        return False
+    if isinstance(layer, (*TARGET_CLASSES, *EMBEDDINGS, keras.Model)) or not layer.built:
+        return False
+    return bool(own_kernels(layer)) and not holds_targets(layer)
+
+
+def is_recurrent(layer: keras.layers.Layer) -> bool:
+    """Whether `layer` is a recurrent layer LSUV initializes: a `keras.layers.RNN` (`SimpleRNN`, `LSTM`, `GRU`, or
+    `RNN` with one of their cells, `Bidirectional`'s two directions each) whose cell is one of `RECURRENT_CELLS`.
+
+    Step 1 draws its input and recurrent kernels orthonormal per gate (Keras's own `recurrent_initializer` is
+    `"orthogonal"`, over all gates at once); step 2 scales the input kernel so that the input projection
+    `x_t @ kernel` has unit variance over every step of every sequence (`Target.input_projection`: one scalar
+    over the gates, as the paper's over a convolution's channels), and leaves the recurrent kernel orthonormal.
+    `ConvLSTM` layers and stacked cells are not recurrent layers here: `report.uncovered` lists their kernels.
+    """
+    return isinstance(layer, layers.RNN) and isinstance(getattr(layer, "cell", None), RECURRENT_CELLS)
+
+
+def holds_targets(layer: keras.layers.Layer) -> bool:
+    """Whether a sub-layer of `layer` is a target kind or holds kernels of its own."""
+    return any(isinstance(sublayer, TARGET_CLASSES) or own_kernels(sublayer) for sublayer in _walk(layer))
+
+
+def own_kernels(layer: keras.layers.Layer) -> list[keras.Variable]:
+    """The trainable kernels `layer` holds itself (not through a sub-layer), in the order it created them.
+
+    A kernel is a weight of rank 2 or more that maps more than one input (`prod(shape[:-1]) > 1`: a class token
+    `(1, 1, dim)` is no map) and whose name does not say it is a table or an added vector (`TABLE_OR_BIAS_NAME`:
+    `embed`, `token`, `table`, `bias`, `pos`).
+    """
+    inside = {id(weight) for sublayer in _walk(layer) for weight in sublayer.weights}
+    return [weight for weight in layer.trainable_weights if id(weight) not in inside and is_kernel_weight(weight)]
+
+
+def is_kernel_weight(weight: keras.Variable) -> bool:
+    """Whether `weight` may be a linear map: rank 2 or more, more than one input (`prod(shape[:-1]) > 1`), and a
+    name that does not say it is a table or an added vector (`TABLE_OR_BIAS_NAME`)."""
+    shape = tuple(weight.shape)
+    return len(shape) >= 2 and math.prod(shape[:-1]) > 1 and not TABLE_OR_BIAS_NAME.search(weight.name)
+
+
+def scaled_kernel_of(layer: keras.layers.Layer) -> keras.Variable:
+    """The kernel of a kernel layer that LSUV scales: the one held as the layer's `kernel` attribute, else the last
+    one it created (the output projection of a feed-forward `x @ w1 @ w2`, or of keras-hub's experts)."""
+    kernels = own_kernels(layer)
+    attribute = getattr(layer, "kernel", None)
+    return next((kernel for kernel in kernels if kernel is attribute), kernels[-1])
 
 
 def is_deliberate_start(layer: keras.layers.Layer) -> bool:
@@ -196,12 +352,16 @@ def is_deliberate_start(layer: keras.layers.Layer) -> bool:
     its bias alone (a PointNet T-net starts at the identity transform, a ReZero or SkipInit branch at zero), which
     LSUV's rescaling would undo. Only a layer with a zeros initializer has its kernel read.
 
+    A kernel layer (`is_kernel_layer`) is one when the kernel LSUV would scale holds only zeros.
+
     Args:
         layer: A Keras layer.
 
     Returns:
         `True` for such a layer of the kinds `default_targets` chooses from.
     """
+    if is_kernel_layer(layer):
+        return not np.any(ops.convert_to_numpy(scaled_kernel_of(layer)))
     if not isinstance(layer, TARGET_CLASSES):
         return False
     attribute = (
@@ -246,11 +406,13 @@ def find_targets(model: keras.layers.Layer, select: Callable[[keras.layers.Layer
             )
         if not chosen:
             continue
-        if not isinstance(layer, TARGET_CLASSES + EMBEDDINGS):
+        if not (isinstance(layer, TARGET_CLASSES + EMBEDDINGS) or is_kernel_layer(layer) or is_recurrent(layer)):
             kinds = ", ".join(cls.__name__ for cls in TARGET_CLASSES + EMBEDDINGS)
             raise ValueError(
                 f"targets selects layer '{layer.name}' ({type(layer).__name__}), which LSUV cannot initialize: it "
-                f"rescales the kernels of {kinds} (and their subclasses). Leave it out of targets, e.g. "
+                f"rescales the kernels of {kinds} (and their subclasses), of SimpleRNN, LSTM and GRU layers, and of "
+                "kernel layers (layers of your own holding kernels of their own, see `keras_lsuv.is_kernel_layer`). "
+                "Leave it out of targets, e.g. "
                 "`lambda layer: keras_lsuv.default_targets(layer) and ...`."
             )
         targets.append(Target(layer, _skip_reason(layer, keep_deliberate_starts)))
@@ -271,7 +433,7 @@ def read_biases(targets: list[Target]) -> None:
     would make an accelerator wait for the host. They stay the biases as the run found them (`center=True` writes
     new ones to the layers, not here).
     """
-    with_bias = [t for t in targets if getattr(t.layer, "bias", None) is not None]
+    with_bias = [t for t in targets if t.has_bias]
     if not with_bias:
         return
     if all(on_host(t.layer.bias.value) for t in with_bias):  # no op to compile: read each one
@@ -308,7 +470,7 @@ DELIBERATE_START_REASON = (
 
 def _of_target_kind(layer: keras.layers.Layer) -> bool:
     """What `targets=None` chooses: `default_targets`'s layers and the deliberate starts it leaves out."""
-    return isinstance(layer, TARGET_CLASSES)
+    return isinstance(layer, TARGET_CLASSES) or is_kernel_layer(layer) or is_recurrent(layer)
 
 
 def _skip_reason(layer: keras.layers.Layer, keep_deliberate_start: bool) -> str | None:

@@ -21,7 +21,8 @@ from keras_lsuv import LSUVReport
 
 
 class Experts(keras.layers.Layer):
-    """Mixture-of-experts style: one `(experts, in, out)` kernel of its own (`add_weight`), used in an einsum."""
+    """Mixture-of-experts style: one `(experts, in, out)` kernel of its own (`add_weight`), used in an einsum, that
+    returns its experts' outputs with their mean, a tuple: a kernel layer LSUV cannot measure."""
 
     def __init__(self, units, experts=2, **kwargs):
         super().__init__(**kwargs)
@@ -31,19 +32,22 @@ class Experts(keras.layers.Layer):
         self.expert_kernel = self.add_weight(shape=(self.experts, input_shape[-1], self.units), name="expert_kernel")
 
     def call(self, x):
-        return keras.ops.mean(keras.ops.einsum("bti,eio->ebto", x, self.expert_kernel), axis=0)
+        outputs = keras.ops.einsum("bti,eio->ebto", x, self.expert_kernel)
+        return keras.ops.mean(outputs, axis=0), outputs
 
 
 TOKENS, VOCABULARY = 6, 40
 
 
 def text_model():
-    """Embedding -> LSTM -> experts -> Dense head: three layers LSUV does not reach, one it does."""
+    """Embedding -> ConvLSTM -> experts -> Dense head: three layers LSUV does not reach, one it does (a `ConvLSTM`
+    is no recurrent layer LSUV initializes; an `LSTM` is)."""
     ids = keras.Input((TOKENS,), dtype="int32")
     embedding = layers.Embedding(VOCABULARY, 8)
-    lstm = layers.LSTM(12, return_sequences=True)
+    lstm = layers.ConvLSTM1D(2, 3, padding="same", return_sequences=True)
     experts = Experts(10)
-    h = experts(lstm(embedding(ids)))
+    h = layers.Reshape((TOKENS, 8, 1))(embedding(ids))
+    h, _ = experts(layers.Reshape((TOKENS, 16))(lstm(h)))
     head = layers.Dense(3)
     model = keras.Model(ids, head(layers.GlobalAveragePooling1D()(h)))
     return model, {"embedding": embedding, "lstm": lstm, "experts": experts, "head": head}
@@ -96,7 +100,7 @@ def test_weights_lsuv_does_not_reach_are_listed_by_layer_with_their_parameters(t
     total = size(model.weights)
     for name, layer in owners.items():
         entry = next(e for e in report.uncovered if e.layer is layer)
-        expected = kernel_like(parts[name])  # the LSTM's weights are its cell's
+        expected = kernel_like(parts[name])  # the RNN's weights are its cell's
         assert entry.name == layer.name and entry.class_name == type(layer).__name__
         assert entry.weights == {w.path: list(w.shape) for w in expected}
         assert entry.parameters == size(expected)
@@ -122,7 +126,9 @@ def test_assert_converged_with_min_coverage_fails_with_the_list(text_run):
     _, parts, _, _, report, _ = text_run
     assert report.assert_converged() is report  # every measured layer converged
     assert report.assert_converged(min_coverage=report.coverage) is report
-    with pytest.raises(AssertionError, match=r"below min_coverage=1; not reached:\n  'lstm_cell' \(LSTMCell\)") as e:
+    with pytest.raises(
+        AssertionError, match=r"below min_coverage=1; not reached:\n  'conv_lstm_cell' \(ConvLSTMCell\)"
+    ) as e:
         report.assert_converged(min_coverage=1.0)
     assert parts["experts"].expert_kernel.path in str(e.value) and "embeddings" not in str(e.value)
     for bad in (1.5, -0.1, True, "all"):

@@ -100,8 +100,15 @@ def batch_for(model, n=64, seed=0):
 
 
 def target_layers(model, select=None):
-    """The layers LSUV initializes by default (or those `select` chooses), walked independently of the package."""
-    select = select or (lambda layer: isinstance(layer, TARGET_CLASSES))
+    """The layers LSUV initializes by default (or those `select` chooses), walked independently of the package
+    (which layers are kernel layers is the package's definition, `keras_lsuv.is_kernel_layer`)."""
+    select = select or (
+        lambda layer: (
+            isinstance(layer, TARGET_CLASSES)
+            or keras_lsuv.is_kernel_layer(layer)
+            or keras_lsuv.targets.is_recurrent(layer)
+        )
+    )
     seen, found = set(), []
 
     def walk(layer):
@@ -156,7 +163,8 @@ def preactivations(model, x, select=None):
     Independent of the engines: the pass records the inputs of every eager call of each target, then each
     recorded call is evaluated again through `layer(...)` (so with the layer's own dtype policy) with its
     activation replaced by the identity (written to the instance's `__dict__`, so that a Keras layer used as an
-    activation works on torch too), less the padding of an `Embedding` with `mask_zero=True` (`unmasked`), and the
+    activation works on torch too; a kernel layer's output is taken as its `call` returns it, and one that is not
+    one tensor is not measured), less the padding of an `Embedding` with `mask_zero=True` (`unmasked`), and the
     variance is taken over all the calls' outputs together. Calls inside JAX control flow (tracers), a TF graph or
     torch's vmap are not recorded. Layers are keys, never names (Keras allows equal names).
     """
@@ -173,21 +181,40 @@ def preactivations(model, x, select=None):
     for layer in targets:
         if id(layer) not in captured:
             continue
+        if keras_lsuv.targets.is_recurrent(layer):
+            found[layer] = [input_projection(layer, args, kwargs) for args, kwargs in captured[id(layer)]]
+            continue
         outputs = []
         state = vars(layer)
+        whole = keras_lsuv.is_kernel_layer(layer)
         had_own, own = "activation" in state, state.get("activation")
-        state["activation"] = keras.activations.linear
+        if not whole:
+            state["activation"] = keras.activations.linear
         try:
             for args, kwargs in captured[id(layer)]:
-                output = keras.ops.convert_to_numpy(layer(*args, **kwargs)).astype("float64")
+                output = layer(*args, **kwargs)
+                if not hasattr(output, "shape"):
+                    break
+                output = keras.ops.convert_to_numpy(output).astype("float64")
                 outputs.append(unmasked(layer, args, kwargs, output))
         finally:
             if had_own:
                 state["activation"] = own
-            else:
+            elif not whole:
                 del state["activation"]
-        found[layer] = outputs
+        if outputs:
+            found[layer] = outputs
     return found
+
+
+def input_projection(layer, args, kwargs):
+    """A recurrent layer's input projection over every step of one call, in NumPy: each step's input times the
+    cell's input kernel, as rows, the steps the call's mask leaves out left out."""
+    sequences = keras.ops.convert_to_numpy(args[0] if args else kwargs["sequences"]).astype("float64")
+    kernel = keras.ops.convert_to_numpy(layer.cell.kernel).astype("float64")
+    rows = (sequences @ kernel).reshape(-1, kernel.shape[-1])
+    mask = kwargs.get("mask")
+    return rows if mask is None else rows[keras.ops.convert_to_numpy(mask).reshape(-1).astype(bool)]
 
 
 def unmasked(layer, args, kwargs, output):
@@ -270,7 +297,10 @@ def weights_of(model):
 
 
 def kernels_of(layer):
-    """A built target layer's kernel variables: both of a separable conv, the matrix of an embedding."""
+    """A built target layer's kernel variables: both of a separable conv, the matrix of an embedding, every weight of
+    rank 2 or more of a kernel layer."""
+    if keras_lsuv.is_kernel_layer(layer) or keras_lsuv.targets.is_recurrent(layer):
+        return [weight for weight in layer.weights if len(weight.shape) >= 2]
     if hasattr(layer, "pointwise_kernel"):
         return [layer.depthwise_kernel, layer.pointwise_kernel]
     return [layer.embeddings if isinstance(layer, layers.Embedding) else layer.kernel]

@@ -14,7 +14,7 @@ from keras_lsuv.interception import intercepted_calls, is_traced
 from keras_lsuv.options import LSUVOptions
 from keras_lsuv.rescale import unit_scale_record
 from keras_lsuv.statistics import Moments, fetch, moments
-from keras_lsuv.targets import Target, without_activation
+from keras_lsuv.targets import Target
 
 
 class EngineBase:
@@ -63,8 +63,13 @@ class EngineBase:
         record: Callable[[Moments], None],
     ) -> Any:
         """One call of `target` at its kernel as it is: gives `record` the moments of what the run measures of its
-        pre-activation (per channel with `center=True`), unless the call is traced; returns the layer's output."""
-        with without_activation(target.layer) as activation:
+        pre-activation (per channel with `center=True`; a recurrent layer's input projection), unless the call is
+        traced; returns the layer's output."""
+        if target.is_recurrent:
+            if not is_traced((args, kwargs)):
+                record(moments(target.input_projection(args, kwargs)))
+            return original_call(*args, **kwargs)
+        with target.activation_removed() as activation:
             z = original_call(*args, **kwargs)
         if not is_traced((args, kwargs)):
             groups = channel_groups(target, z) if self.center else None
@@ -98,8 +103,9 @@ def layer_output(
     """The layer's output, given its pre-activation, for the pass to go on with.
 
     Keras's own `call` applies the activation last, so the output is `activation(preactivation)`. A `call` of the
-    layer's own may do more after the activation (`Dense.call(x) + ...`): it is called again, as it is.
+    layer's own may do more after the activation (`Dense.call(x) + ...`): it is called again, as it is. A kernel
+    layer's output is what was measured (`Target.activation_removed` leaves its activation in place).
     """
-    if target.is_linear_in_kernel:
+    if target.is_linear_in_kernel or target.is_kernel_layer:
         return activation(preactivation)
     return original_call(*args, **kwargs)

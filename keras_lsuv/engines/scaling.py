@@ -19,7 +19,7 @@ from keras import ops
 
 from keras_lsuv.centering import channel_groups, find_centered_scale, with_means
 from keras_lsuv.engines.forward import EngineBase, layer_output
-from keras_lsuv.engines.state import LayerState, Pass, as_lsuv_error
+from keras_lsuv.engines.state import LayerState, Pass, Status, as_lsuv_error
 from keras_lsuv.processes import measurements_are_global
 from keras_lsuv.rescale import (
     ScaleLimit,
@@ -31,7 +31,6 @@ from keras_lsuv.rescale import (
     write_kernel,
 )
 from keras_lsuv.statistics import Moments, moments, on_accelerator, variance_on_device
-from keras_lsuv.targets import without_activation
 
 
 class LayerScaling(EngineBase):
@@ -46,11 +45,18 @@ class LayerScaling(EngineBase):
         kwargs: dict[str, Any],
     ) -> Any:
         """Rescales the layer at its first call in the pass; sets its record (or its values on the device) and
-        returns its output at the new scale."""
+        returns its output at the new scale. A layer whose output cannot be measured (`Target.unmeasurable`) gets
+        back the kernels it had before step 1, becomes `Status.UNMEASURABLE` and returns its output at them."""
         target = state.target
         layer = target.layer
-        with without_activation(layer) as activation:
+        if target.is_recurrent:
+            return self._rescale_input_kernel(state, original_call, args, kwargs)
+        with target.activation_removed() as activation:
             preactivation = original_call(*args, **kwargs)
+        if reason := target.unmeasurable(preactivation):  # left alone, with the kernels it had before step 1
+            state.status, state.reason = Status.UNMEASURABLE, reason
+            target.restore_weights()
+            return original_call(*args, **kwargs)
         if self._scales_on_device(state, preactivation):
             return self._rescale_on_device(
                 state, preactivation, target.measured(preactivation, args, kwargs), activation
@@ -104,6 +110,27 @@ class LayerScaling(EngineBase):
             return activation(preactivation)
         write_kernel(kernel, original, record.scale)
         return activation(ops.cast(at_scale(record.scale), preactivation.dtype))
+
+    def _rescale_input_kernel(
+        self, state: LayerState, original_call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """A recurrent layer: its input kernel scaled in closed form so that the input projection of every step
+        (`Target.input_projection`, linear in the kernel) has the target variance; returns the layer's output at
+        that scale. With `center=True` it is not centered (its bias also sets the gates' offsets): the record
+        says so, as for a layer without bias."""
+        target = state.target
+        kernel, original = target.scaled_kernel, state.kernel_original()
+        stats = moments(target.input_projection(args, kwargs))
+        limit = ScaleLimit.of(kernel, original, target.layer, 0.0)
+        with as_lsuv_error():
+            record = find_scale(
+                target, _predicted(state, stats.variance), self.criterion, limit, exponent=_exponent(state)
+            )
+        after = stats.scaled(record.scale)
+        state.measured.append(after)
+        state.record = with_means(target, record, stats, after, self.criterion) if self.center else record
+        write_kernel(kernel, original, record.scale)
+        return original_call(*args, **kwargs)
 
     def _scales_on_device(self, state: LayerState, preactivation: Any) -> bool:
         """Whether `unit_scale` rescales the layer: on an accelerator (or as `LSUVOptions.scale_on_device` says),
@@ -212,7 +239,7 @@ class LayerScaling(EngineBase):
             """The pre-activation at `scale`; evaluated again at the same scale if `again` (the bias moved)."""
             if again or scale != latest["scale"]:
                 write_kernel(kernel, original, scale)
-                with without_activation(layer):
+                with target.activation_removed():
                     latest.update(scale=scale, preactivation=original_call(*args, **kwargs))
             return latest["preactivation"]
 

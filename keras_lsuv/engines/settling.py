@@ -16,7 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_lsuv.centering import NO_BIAS_REASON, Centering, center_at, find_centered_scale, is_centered
+from keras_lsuv.centering import Centering, center_at, find_centered_scale, is_centered, uncentered_reason
 from keras_lsuv.engines.forward import EngineBase
 from keras_lsuv.engines.multi_call import every_call
 from keras_lsuv.engines.state import LayerState, MergeState, Status
@@ -109,7 +109,7 @@ class Settling(EngineBase):
             elif not record.converged and not within:  # its reason is its own loop's: what it measures now too
                 reason = f"{record.reason}; {value:.3g} measured over every call once the passes settled"
             elif converged and not record.converged:  # what kept it off holds no more
-                reason = NO_BIAS_REASON if self.center and not state.target.has_bias else None
+                reason = uncentered_reason(state.target) if self.center and not state.target.has_bias else None
             mean = None if record.final_mean is None else stats.grand_mean
             state.record = dataclasses.replace(
                 record, final_variance=value, final_mean=mean, converged=converged, reason=reason

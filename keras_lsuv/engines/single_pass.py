@@ -30,7 +30,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_lsuv.centering import NO_BIAS_REASON, bias_now, is_centered
+from keras_lsuv.centering import bias_now, is_centered, uncentered_reason
 from keras_lsuv.engines.frames import all_frames_at_once, frame_wrappers
 from keras_lsuv.engines.merging import TRACED_REASON, Merging
 from keras_lsuv.engines.multi_call import every_call, predict, reached
@@ -107,7 +107,7 @@ class SinglePass(LayerScaling, Merging, Settling):
                 records[state.target] = state.record
             else:
                 traced = state.status is Status.TRACED
-                records[state.target] = state.target.skipped_record(TRACED_REASON if traced else None)
+                records[state.target] = state.target.skipped_record(TRACED_REASON if traced else state.reason)
         unreached = [merge for merge in self.merge_records if merge not in self.merges_reached]
         ordered = {merge: self.merge_records[merge] for merge in [*self.merges_reached, *unreached]}
         self.merge_records.clear()
@@ -142,6 +142,8 @@ class SinglePass(LayerScaling, Merging, Settling):
                     return self.measure_call(state.target, original_call, args, kwargs, state.measured.append)
             elif not this_pass.halted:  # after a halt nothing is final: leave it to the next pass
                 output = self.rescale_on_call(state, this_pass, original_call, args, kwargs)
+                if state.status is Status.UNMEASURABLE:
+                    return output
                 state.status = Status.TENTATIVE
                 this_pass.tentative.append(state)
                 return output
@@ -246,7 +248,7 @@ class SinglePass(LayerScaling, Merging, Settling):
         if not converged and predicted and state.passes < self.criterion.max_iterations:
             this_pass.halt(state, state.first_tick)
         if converged:
-            reason = NO_BIAS_REASON if self.center and not target.has_bias else None
+            reason = uncentered_reason(target) if self.center and not target.has_bias else None
         elif not predicted:  # its own loop's reason, and what it measures over every call
             reason = f"{record.reason}; {value:.3g} measured over its {calls} calls per pass"
         elif not reached(value, self.criterion):

@@ -50,6 +50,7 @@ class Status(enum.Enum):
     TENTATIVE = "tentative"  # rescaled in this pass; final at its end unless the pass halted before it
     FINAL = "final"  # rescaled, its record complete
     TRACED = "traced"  # called with symbolic values: never measured, its kernel put back
+    UNMEASURABLE = "unmeasurable"  # its output is not one floating tensor (`Target.unmeasurable`): its kernel put back
 
 
 @dataclasses.dataclass(eq=False)
@@ -79,6 +80,7 @@ class LayerState:
             (`multi_call.Prediction`); `None` for a layer called once.
         passes: The passes that rescaled it and measured several calls.
         rescales: The rescales those passes applied, all told (`LayerRecord.iterations`).
+        reason: Why it is unmeasurable (`Status.UNMEASURABLE`), else `None`.
     """
 
     target: Target
@@ -96,6 +98,7 @@ class LayerState:
     prediction: Prediction | None = None
     passes: int = 0
     rescales: int = 0
+    reason: str | None = None
 
     @property
     def open(self) -> bool:

@@ -11,15 +11,17 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
+from keras import ops
 
 from keras_lsuv.centering import channel_groups, find_centered_scale
 from keras_lsuv.inference import inference_mode
+from keras_lsuv.interception import intercepted_calls
 from keras_lsuv.options import LSUVOptions
 from keras_lsuv.report import LayerRecord, MergeRecord
 from keras_lsuv.rescale import ScaleLimit, find_scale, float32_copy, write_kernel
 from keras_lsuv.residual import Merge
 from keras_lsuv.statistics import Moments, moments, variance
-from keras_lsuv.targets import Target, targets_inside, without_activation
+from keras_lsuv.targets import Target, targets_inside
 
 
 def run_submodel(
@@ -88,21 +90,30 @@ def _rescale_with_submodel(target: Target, graph: keras.Model, graph_batch: Any,
     layer = target.layer
     if target.skip_reason:
         return target.skipped_record()
+    if reason := target.unmeasurable(layer.output):  # back to its kernels before step 1, for the layers after it
+        target.restore_weights()
+        return target.skipped_record(reason)
     submodel = keras.Model(graph.inputs, layer.output)
     kernel = target.scaled_kernel
     original = float32_copy(kernel)
     # The layer's inputs, for what `Target.measured` leaves out (the padding of an embedding with `mask_zero`).
     inputs = (keras.Model(graph.inputs, layer.input)(graph_batch, training=False),) if target.is_embedding else ()
 
+    calls = _calls_of(layer, submodel, graph_batch) if target.is_recurrent else []
+
     def variance_at(scale: float) -> float:
         write_kernel(kernel, original, scale)
-        with without_activation(layer) as activation:
+        if calls:  # a recurrent layer: its input projection over every step of its calls
+            return variance(ops.concatenate([target.input_projection(*call) for call in calls]))
+        with target.activation_removed() as activation:
             z = submodel(graph_batch, training=False)
         return variance(target.measured(options.measure.of(z, activation), inputs, {}))
 
     def measure_at(scale: float) -> Moments:  # center=True: the pre-activation's moments per channel
         write_kernel(kernel, original, scale)
-        with without_activation(layer):
+        if calls:
+            return moments(ops.concatenate([target.input_projection(*call) for call in calls]))
+        with target.activation_removed():
             z = submodel(graph_batch, training=False)
         return moments(target.measured(z, inputs, {}), channel_groups(target, z))
 
@@ -113,3 +124,19 @@ def _rescale_with_submodel(target: Target, graph: keras.Model, graph_batch: Any,
         record = find_scale(target, variance_at, options.criterion, limit)
     write_kernel(kernel, original, record.scale)
     return record
+
+
+def _calls_of(layer: keras.layers.Layer, submodel: keras.Model, batch: Any) -> list[tuple[Any, Any]]:
+    """The arguments of every call of `layer` when `submodel` runs `batch` (the mask Keras passes included)."""
+    calls: list[tuple[Any, Any]] = []
+
+    def make_call(_: Any, call: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            calls.append((args, kwargs))
+            return call(*args, **kwargs)
+
+        return recorded
+
+    with intercepted_calls([layer], make_call), inference_mode():
+        submodel(batch, training=False)
+    return calls

@@ -95,8 +95,8 @@ CASES = [
         "Mixtral",
         "mixtral",
         TORCH,
-        limits="the experts' kernels are weights of one MixtralMoeExperts layer (an einsum over experts), not Dense "
-        "layers: LSUV does not reach them; the router and the attention projections are rescaled",
+        limits="the experts' kernels are weights of one MixtralMoeExperts layer (an einsum over experts): LSUV "
+        "scales it as a kernel layer, over all experts on every token together, not each expert on its own tokens",
     ),
     hub("Gemma", "gemma", TF),
     hub("Phi-3", "phi3", TORCH),
@@ -174,13 +174,15 @@ CASES = [
         "Char-RNN",
         "char_rnn",
         TF,
-        limits="LSTM kernels are not rescaled (not a target class); the Dense head is",
+        limits="the LSTM's input kernel is scaled on its input projection; its recurrent kernel is drawn orthonormal "
+        "per gate and not scaled",
     ),
     keras_io(
         "Bidirectional LSTM",
         "bidirectional_lstm",
         TORCH,
-        limits="LSTM kernels are not rescaled (not a target class); the Dense head is",
+        limits="each direction's LSTM input kernel is scaled on its input projection; the recurrent kernels are drawn "
+        "orthonormal per gate and not scaled",
     ),
     keras_io("MNIST convnet", "mnist_convnet", TF),
     keras_io("Tabular", "tabular", JAX),

@@ -5,6 +5,7 @@ from keras_lsuv.lsuv import lsuv_init
 from keras_lsuv.options import LSUVOptions
 from keras_lsuv.orthonormal import Orthonormal
 from keras_lsuv.report import LayerRecord, LSUVReport, MergeRecord, UncoveredLayer
+from keras_lsuv.residual import scales_with_input
 from keras_lsuv.targets import default_targets
 from keras_lsuv.version import __version__
 
@@ -17,6 +18,7 @@ __all__ = [
     "Orthonormal",
     "UncoveredLayer",
     "default_targets",
+    "scales_with_input",
     "lsuv_init",
     "__version__",
 ]

@@ -137,6 +137,17 @@ def test_a_convnext_branch_is_scaled_in_its_layer_scale_and_the_stream_measures_
     assert abs(first.scale * layer_scale - 1.0) < 0.1
 
 
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
+def test_a_layer_scale_of_1e6_holds_under_mixed_precision(policy):
+    """gamma (a float32 variable) goes from 1e-6 to about 1, the branch computed in float16 or bfloat16: the merge's
+    reported variance is what the model measures, in inference and training (the oracle)."""
+    model = convnext_stream(layer_scale=1e-6)
+    x = zoo.batch_for(model)
+    report = zoo.initialize_and_check(model, x, residual="stream")
+    assert_every_merge_solved_and_measured(model, x, report, count=2)
+    assert report.merges[0].scale > 1e5, str(report)
+
+
 def test_a_convnext_stream_already_at_the_target_keeps_its_layer_scales():
     inputs = keras.Input((8, 8, 3))
     x = layers.LayerNormalization()(layers.Conv2D(16, 2, strides=2)(inputs))  # ConvNeXt's stem: the stream at 1

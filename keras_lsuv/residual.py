@@ -6,19 +6,27 @@ or an `x + y` between Keras tensors) is solved in the same pass as the layers: t
 everything the branch's output passes through that scales with it) is multiplied by one factor `s >= 0` chosen so
 that the merge's output has the target variance. Its variance as a function of `s` is a quadratic known from one
 reduction: `var(U + s·S) = var(U) + 2·s·cov(U, S) + s²·var(S)`, where `U` is the sum of the inputs that are not
-branches (the stream) and `S` the sum of those that are. Where the stream alone already carries the target (an
-identity stream with no activation after its merges: ResNet v2, pre-LN transformers), a branch anti-correlated with
-the stream may still reach it at a small scale; otherwise no `s > 0` does, and the branch is scaled to the least
-variance the merge can have, 0 for a branch uncorrelated with the stream, the way Fixup and SkipInit start residual
-branches.
+branches (the stream) and `S` the sum of those that are. A merge already within tolerance of the target at `s = 1`
+keeps its branches as they are, as the paper's loop keeps a layer within tolerance (a ConvNeXt branch, whose layer
+scale starts at 1e-6, adds nothing measurable to a stream at the target). Where the stream alone already carries the
+target (an identity stream with no activation after its merges: ResNet v2, pre-LN transformers), a branch
+anti-correlated with the stream may still reach it at a small scale; otherwise no `s > 0` does, and the branch is
+scaled to the least variance the merge can have, 0 for a branch uncorrelated with the stream, the way Fixup and
+SkipInit start residual branches.
 
 An input of a merge is a branch when it is the output of a target with Keras's own `call` (`Target.
 is_linear_in_kernel`: a `call` of its own need not scale with its kernel) through layers that scale with their input
-(`f(s·x) = s·f(x)`, `SCALING_LAYERS`), each output on that path used by the next layer only. The target's kernel and
-bias are both multiplied by `s`, so its pre-activation becomes exactly `s` times what it was and so does the branch:
-the merge's output at the scale, `U + s·S`, is the one the model computes, and the pass goes on with it.
-`MultiHeadAttention` ends with its output projection, so an attention branch ends at that `EinsumDense` (Keras's own
-`call` only: a subclass with a `call` of its own ends no branch).
+(`f(s·x) = s·f(x)`: `SCALING_LAYERS`, keras.applications' `LayerScale` and `StochasticDepth`, and the classes declared
+with `scales_with_input`), each output on that path used by the next layer only. The target's kernel and bias are
+both multiplied by `s`, so its pre-activation becomes exactly `s` times what it was and so does the branch; where the
+branch passes through a layer scale (a layer whose output is proportional to a weight of its own, `x * gamma`), that
+weight is multiplied instead, and the target keeps the variance LSUV gave it. Either way the merge's output at the
+scale, `U + s·S`, is the one the model computes, and the pass goes on with it. `MultiHeadAttention` ends with its
+output projection, so an attention branch ends at that `EinsumDense` (Keras's own `call` only: a subclass with a
+`call` of its own ends no branch).
+
+Besides additions, a merge is a keras.applications `CustomScaleLayer` (InceptionResNetV2's `x + c·branch`, `c` a
+constant of the layer): its inputs enter the merge with their coefficients, `U + s·c·S`.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import dataclasses
 import math
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import keras
 import numpy as np
@@ -84,8 +92,88 @@ SCALING_LAYERS: tuple[type[keras.layers.Layer], ...] = (
 # Activations `a` with `a(s·z) = s·a(z)` for `s >= 0`: a target (or `Activation` layer) with one of these scales with
 # its kernel.
 SCALING_ACTIVATIONS = (keras.activations.linear, keras.activations.relu, keras.activations.leaky_relu)
-# A variance of the branch below this fraction of the target carries no usable signal to scale.
-MIN_BRANCH_VARIANCE = 1e-12
+# A variance of the branch below this fraction of the target carries no usable signal to scale: a standard deviation
+# 1e-12 of the target's, far below where a layer scale starts (ConvNeXt's `gamma` at 1e-6 gives a branch of variance
+# 1e-12), and far above where float32 squares underflow (1e-38).
+MIN_BRANCH_VARIANCE = 1e-24
+
+
+def _applications_classes() -> tuple[dict[type[Any], str | None], type[Any] | None]:
+    """keras.applications' layers that scale with their input (with the name of the weight their output is
+    proportional to, or `None`), and its `CustomScaleLayer` (a merge `x + c·branch`, or `None`).
+
+    They are private classes of Keras (`keras.src`, not exported): a Keras that has moved or renamed them has none
+    here, and their branches are not found, as before they were known.
+    """
+    try:
+        from keras.src.applications import convnext, inception_resnet_v2
+    except ImportError:
+        return {}, None
+    scaling = {convnext.LayerScale: "gamma", convnext.StochasticDepth: None}
+    return scaling, getattr(inception_resnet_v2, "CustomScaleLayer", None)
+
+
+# Layer classes declared to scale with their input, each with the name of the weight its output is proportional to
+# (a layer scale's `gamma`) or `None`: keras.applications' and those of `scales_with_input`.
+DECLARED_SCALING, SCALED_ADD = _applications_classes()
+
+LayerClass = TypeVar("LayerClass", bound=type[Any])
+
+
+def scales_with_input(layer_class: LayerClass, weight: str | None = None) -> LayerClass:
+    """Declares a layer class as scaling with its input, so that a residual branch passes through it.
+
+    With `residual="stream"`, each input of a merge is traced back, through layers whose output scales with their
+    input, to the `Dense` or convolution layer that ends its branch, whose kernel and bias are then multiplied by
+    the merge's branch scale. A branch through a layer of your own (a drop-path, a layer scale) is not found unless
+    the layer is declared here.
+
+    Declare a class only where `layer(s * x) == s * layer(x)` for every `s >= 0`, in inference and in training (the
+    forward pass `fit` runs): a drop-path that multiplies its input by a random per-sample mask does; a layer that
+    adds to its input (a bias, noise) or divides it by its own statistics (a normalization) does not. Only the class
+    itself is declared: a subclass with a `call` of its own is not.
+
+    Args:
+        layer_class: The layer class, a subclass of `keras.layers.Layer`.
+        weight: The name of the layer's variable attribute its output is proportional to, if any (a layer scale's
+            `gamma` in `x * gamma`). A branch through the layer is then scaled in that variable rather than in the
+            kernel of the layer that ends it, which keeps the variance LSUV gave it.
+
+    Returns:
+        `layer_class`, so that this also decorates a class.
+
+    Raises:
+        TypeError: If `layer_class` is not a `keras.layers.Layer` subclass, or `weight` not a string.
+
+    Example:
+
+    >>> @keras_lsuv.scales_with_input
+    ... class StochasticDepth(keras.layers.Layer):
+    ...     def __init__(self, rate, **kwargs):
+    ...         super().__init__(**kwargs)
+    ...         self.rate = rate
+    ...
+    ...     def call(self, x, training=None):
+    ...         if not training:
+    ...             return x
+    ...         keep = 1 - self.rate
+    ...         shape = (keras.ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
+    ...         return x / keep * keras.ops.floor(keep + keras.random.uniform(shape))
+    >>> class LayerScale(keras.layers.Layer):
+    ...     def build(self, input_shape):
+    ...         self.gamma = self.add_weight(shape=input_shape[-1:], initializer=keras.initializers.Constant(1e-5))
+    ...
+    ...     def call(self, x):
+    ...         return x * self.gamma
+    >>> _ = keras_lsuv.scales_with_input(LayerScale, weight="gamma")
+    >>> report = keras_lsuv.lsuv_init(model, x_train[:256], residual="stream")  # branches through both are solved
+    """
+    if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
+        raise TypeError(f"scales_with_input: expected a keras.layers.Layer subclass, got {layer_class!r}.")
+    if weight is not None and not isinstance(weight, str):
+        raise TypeError(f"scales_with_input: `weight` must be the name of a variable attribute, got {weight!r}.")
+    DECLARED_SCALING[layer_class] = weight
+    return layer_class
 
 
 def _is_add(operation: Any) -> bool:
@@ -97,18 +185,34 @@ def _is_add(operation: Any) -> bool:
     return kind.__name__ == "Add" and kind.__module__ == "keras.src.ops.numpy"
 
 
+def _coefficients(operation: Any, inputs: int) -> list[float] | None:
+    """The constant each of `inputs` inputs of `operation` is multiplied by before it is added, where `operation`
+    is a merge: 1 for each input of an addition, `[1, c]` for keras.applications' `CustomScaleLayer`
+    (`x[0] + x[1] * c`, Keras's own `call` only); else `None`."""
+    if _is_add(operation):
+        return [1.0] * inputs
+    if SCALED_ADD is not None and type(operation) is SCALED_ADD and inputs == 2:
+        return [1.0, float(operation.scale)]
+    return None
+
+
 @dataclasses.dataclass(eq=False)
 class Merge:
     """One merge of a residual stream: an addition node of a Functional graph.
 
     Args:
-        operation: The `Add` layer, or the addition operation, of the node.
+        operation: The `Add` layer, the addition operation, or the `CustomScaleLayer` of the node.
         branches: For each input of the node, in order, the target that ends its branch, or `None` for the stream.
+        coefficients: For each input, the constant it is multiplied by in the merge (1 but for `CustomScaleLayer`).
+        weights: For each input, the variable its branch is scaled in where the branch passes through a layer scale
+            (`scales_with_input`'s `weight`), else `None` (the target's kernel and bias).
         skip_reason: Why no branch of it can be scaled, else `None`.
     """
 
     operation: Any
     branches: list[Target | None]
+    coefficients: list[float]
+    weights: list[keras.Variable | None]
     skip_reason: str | None = None
 
     @property
@@ -118,6 +222,11 @@ class Merge:
     @property
     def branch_targets(self) -> list[Target]:
         return [target for target in self.branches if target is not None]
+
+    @property
+    def branch_weights(self) -> list[keras.Variable | None]:
+        """For each of `branch_targets`, the layer scale's variable its branch is scaled in, or `None`."""
+        return [w for target, w in zip(self.branches, self.weights, strict=True) if target is not None]
 
     def record(self, **fields: Any) -> MergeRecord:
         """Its record, with `fields` (the outcome) beside what identifies the merge and its branches."""
@@ -163,19 +272,22 @@ def find_merges(model: keras.Model, targets: list[Target]) -> list[Merge]:
     calls = Counter(id(node.operation) for node in nodes.values())
     merges: dict[int, Merge] = {}
     for node in nodes.values():
-        if not _is_add(node.operation) or len(node.input_tensors) < 2 or id(node.operation) in merges:
+        coefficients = _coefficients(node.operation, len(node.input_tensors))
+        if coefficients is None or len(node.input_tensors) < 2 or id(node.operation) in merges:
             continue
         ends = [_branch_end(tensor, by_layer, consumers, calls) for tensor in node.input_tensors]
-        merge = merges[id(node.operation)] = Merge(node.operation, [target for target, _ in ends])
+        merge = merges[id(node.operation)] = Merge(
+            node.operation, [end.target for end in ends], coefficients, [end.weight for end in ends]
+        )
         if calls[id(node.operation)] > 1 or len(getattr(node.operation, "_inbound_nodes", ())) > 1:
             merge.skip_reason = "called several times: a branch scale is solved at one call"
         elif not merge.branch_targets:
-            obstacles = [obstacle for _, obstacle in ends if obstacle]
+            obstacles = [end.obstacle for end in ends if end.obstacle]
             merge.skip_reason = "no input is a branch: " + (
                 "; ".join(obstacles)
                 if obstacles
                 else "none is the output of a target through layers that scale with it (e.g. Dropout, pooling, "
-                "relu), used only on the way to this merge"
+                "relu, or a layer declared with keras_lsuv.scales_with_input), used only on the way to this merge"
             )
     return list(merges.values())
 
@@ -242,14 +354,17 @@ def solve(
         mismatch = f"called with {len(inputs)} tensors, not the {len(merge.branches)} of its node"
         return merge.skipped_record(mismatch), None
     dtype = keras.backend.result_type(*[x.dtype for x in inputs])
-    stream = [ops.cast(x, "float32") for x, end in zip(inputs, merge.branches, strict=True) if end is None]
-    branches = [x for x, end in zip(inputs, merge.branches, strict=True) if end is not None]
-    branch = _sum([ops.cast(x, "float32") for x in branches])
+    terms = list(zip(inputs, merge.coefficients, merge.branches, strict=True))
+    stream = [ops.multiply(ops.cast(x, "float32"), c) for x, c, end in terms if end is None]
+    branches = [(x, c) for x, c, end in terms if end is not None]
+    branch = _sum([ops.multiply(ops.cast(x, "float32"), c) for x, c in branches])
     if stream:
         total = _sum(stream)
         shape = ops.shape(ops.add(total, branch))
         total, branch = ops.broadcast_to(total, shape), ops.broadcast_to(branch, shape)
-        parts = [total, branch, ops.add(total, branch)]
+        # The covariance from the mean of the product, not from `var(U + S)`: a branch far smaller than the stream (a
+        # layer scale's 1e-6) would be lost in the rounding of `U + S`.
+        parts = [total, branch, ops.multiply(total, branch)]
     else:
         parts = [branch]
     stats = moments(ops.stack(parts, axis=-1), (len(parts),))  # one reduction, global under several processes
@@ -258,13 +373,16 @@ def solve(
         raise ValueError(f"LSUV: the inputs of merge '{merge.name}' are not finite (variances {variances}).")
     if stream:
         stream_variance, branch_variance = float(variances[0]), float(variances[1])
-        covariance = (float(variances[2]) - stream_variance - branch_variance) / 2.0
+        covariance = float(stats.mean[2] - stats.mean[0] * stats.mean[1])
     else:
         stream_variance, branch_variance, covariance = 0.0, float(variances[0]), 0.0
     goal = criterion.target_variance
     if branch_variance <= MIN_BRANCH_VARIANCE * goal:
         return merge.skipped_record(f"its branches carry no signal (variance {branch_variance:.3g})"), None
-    scale, reachable = branch_scale(stream_variance, branch_variance, covariance, goal)
+    if abs(merge_variance(stream_variance, branch_variance, covariance, 1.0) - goal) < criterion.tolerance:
+        scale, reachable = 1.0, True  # within tolerance as it is: kept, as the paper's loop keeps such a layer
+    else:
+        scale, reachable = branch_scale(stream_variance, branch_variance, covariance, goal)
     reason: str | None = None
     if limit is not None and scale > limit.scale:
         reason = (
@@ -279,11 +397,14 @@ def solve(
         )
     # Each branch at the scale in its own dtype, as the model computes it (float16 rounds, and may overflow).
     scaled = _sum(
-        [ops.cast(ops.cast(ops.multiply(ops.cast(x, "float32"), scale), x.dtype), "float32") for x in branches]
+        [
+            ops.multiply(ops.cast(ops.cast(ops.multiply(ops.cast(x, "float32"), scale), x.dtype), "float32"), c)
+            for x, c in branches
+        ]
     )
-    output = scaled if not stream else ops.add(parts[0], scaled)
+    output = scaled if not stream else ops.add(total, scaled)
     final = merge_variance(stream_variance, branch_variance, covariance, scale)
-    if _narrow(dtype) or any(_narrow(x.dtype) for x in branches):
+    if _narrow(dtype) or any(_narrow(x.dtype) for x, _ in branches):
         final = variance(ops.cast(ops.cast(output, dtype), "float32"))  # what the model computes, measured
         if not math.isfinite(final):
             reason = f"its output at branch scale {scale:.3g} is not finite in {dtype}"
@@ -299,12 +420,17 @@ def solve(
     return record, ops.cast(output, dtype)
 
 
-def branch_limit(target: Target, output_peak: float) -> ScaleLimit:
+def branch_limit(target: Target, output_peak: float, weight: keras.Variable | None = None) -> ScaleLimit:
     """The largest factor the branch ending at `target` can be scaled by: its kernel and its bias in their dtype and
     in the layer's compute dtype, its pre-activation (peaking at `output_peak` now, 0 if not measured) in the compute
-    dtype, as `ScaleLimit` bounds a layer's rescale. Unbounded where every dtype is float32 or wider (no realistic
-    scale overflows there, and a non-finite output stops the run with every weight restored)."""
+    dtype, as `ScaleLimit` bounds a layer's rescale; or, where the branch is scaled in a layer scale's `weight`, that
+    weight in its dtype and in `target`'s compute dtype. Unbounded where every dtype is float32 or wider (no
+    realistic scale overflows there, and a non-finite output stops the run with every weight restored)."""
     layer = target.layer
+    if weight is not None:
+        if not any(_narrow(dtype) for dtype in [layer.compute_dtype, variable_dtype(weight)]):
+            return ScaleLimit()
+        return ScaleLimit.of(weight, float32_copy(weight), layer, 0.0)
     variables = [target.scaled_kernel] + ([layer.bias] if target.has_bias else [])
     if not any(_narrow(dtype) for dtype in [layer.compute_dtype, *map(variable_dtype, variables)]):
         return ScaleLimit()
@@ -313,19 +439,33 @@ def branch_limit(target: Target, output_peak: float) -> ScaleLimit:
     return min(limits, key=lambda limit: limit.scale)
 
 
-def scale_branch(target: Target, scale: float) -> list[tuple[keras.Variable, Any]]:
-    """Multiplies the kernel whose scale sets `target`'s output, and its bias, by `scale`; returns each variable
-    with its value before, to undo it."""
-    variables = [target.scaled_kernel] + ([target.layer.bias] if target.has_bias else [])
+def scale_branch(
+    target: Target, scale: float, weight: keras.Variable | None = None
+) -> list[tuple[keras.Variable, Any]]:
+    """Multiplies the kernel whose scale sets `target`'s output, and its bias, by `scale`, or the layer scale's
+    `weight` where the branch passes through one; returns each variable with its value before, to undo it."""
+    if weight is not None:
+        variables = [weight]
+    else:
+        variables = [target.scaled_kernel] + ([target.layer.bias] if target.has_bias else [])
     before = [(variable, float32_copy(variable)) for variable in variables]
     for variable, value in before:
         write_kernel(variable, value, scale)
     return before
 
 
-def branch_record(record: LayerRecord, merge: MergeRecord) -> LayerRecord:
-    """The record of a branch's last layer after `merge` scaled it: its variance is the merge's to set."""
+def branch_record(record: LayerRecord, merge: MergeRecord, weight: keras.Variable | None = None) -> LayerRecord:
+    """The record of a branch's last layer after `merge` scaled it: its variance is the merge's to set; or, where
+    the merge scaled a layer scale's `weight` on the branch instead, the layer's own record, naming the merge."""
     scale = merge.scale
+    if weight is not None:
+        return dataclasses.replace(
+            record,
+            merge=merge.name,
+            reason=(record.reason + "; " if record.reason else "")
+            + f"its residual branch is scaled by {scale:.3g} at merge '{merge.name}' in '{weight.path}', a layer "
+            "scale after it",
+        )
     return dataclasses.replace(
         record,
         scale=record.scale * scale,
@@ -339,56 +479,88 @@ def branch_record(record: LayerRecord, merge: MergeRecord) -> LayerRecord:
 
 
 def _scales_with_input(layer: Any) -> bool:
-    """Whether `layer` (any operation of a graph) is one of `SCALING_LAYERS` and scales with its input as it is now."""
+    """Whether `layer` (any operation of a graph) scales with its input as it is now: one of `SCALING_LAYERS`, or an
+    instance of a declared class (`DECLARED_SCALING`) with that class's `call`."""
     if isinstance(layer, layers.Activation):
         return layer.activation in SCALING_ACTIVATIONS
     if isinstance(layer, layers.ReLU):
         return layer.max_value is None and float(layer.threshold) == 0.0
-    return isinstance(layer, SCALING_LAYERS)
+    return isinstance(layer, SCALING_LAYERS) or _declared(layer) is not None
 
 
-def _branch_end(
-    tensor: Any, by_layer: dict[int, Target], consumers: Counter[int], calls: Counter[int]
-) -> tuple[Target | None, str | None]:
-    """The target whose output reaches `tensor` through layers that scale with it, each output used once; else
-    `None`, with what stops it where that is worth a merge's skip reason."""
+def _declared(layer: Any) -> type[Any] | None:
+    """The declared class (`DECLARED_SCALING`) whose `call` `layer` runs, or `None`."""
+    for kind in type(layer).__mro__:
+        if kind in DECLARED_SCALING:
+            return kind if type(layer).call is kind.call else None
+    return None
+
+
+def _layer_scale(layer: Any) -> keras.Variable | None:
+    """The variable `layer`'s output is proportional to, where its class was declared with one; else `None`."""
+    kind = _declared(layer)
+    name = None if kind is None else DECLARED_SCALING[kind]
+    weight = None if name is None else getattr(layer, name, None)
+    return weight if isinstance(weight, keras.Variable) else None
+
+
+@dataclasses.dataclass
+class BranchEnd:
+    """Where a merge's input leads back to: the target that ends its branch (`None` for the stream), the layer
+    scale's variable nearest the merge on the way (`None` for none), and what stops the walk where that is worth a
+    merge's skip reason."""
+
+    target: Target | None = None
+    weight: keras.Variable | None = None
+    obstacle: str | None = None
+
+
+def _branch_end(tensor: Any, by_layer: dict[int, Target], consumers: Counter[int], calls: Counter[int]) -> BranchEnd:
+    """The target whose output reaches `tensor` through layers that scale with it, each output used once, with the
+    first layer scale's weight on the way; else no target, with what stops it where that is worth a merge's skip
+    reason."""
+    weight: keras.Variable | None = None
     while consumers[id(tensor)] == 1:
         operation: Any = tensor._keras_history[0]
         node_index: int = tensor._keras_history[1]
         if calls[id(operation)] != 1:
-            return None, None
+            return BranchEnd()
         if isinstance(operation, layers.MultiHeadAttention):
             if type(operation).call is not layers.MultiHeadAttention.call:  # a `call` of its own may do more after
-                return (
-                    None,
-                    f"layer '{operation.name}' has a `call` of its own, whose output need not scale with its kernel",
+                return BranchEnd(
+                    obstacle=f"layer '{operation.name}' has a `call` of its own, whose output need not scale with its "
+                    "kernel"
                 )
             operation = operation._output_dense  # its output is the output projection's (`MultiHeadAttention.call`)
         if id(operation) in by_layer:
-            return _scaling_target(by_layer[id(operation)])
+            return _scaling_target(by_layer[id(operation)], weight)
         if isinstance(operation, layers.BatchNormalization):
-            return None, (
-                f"the path of an input passes through BatchNormalization '{operation.name}', which in training (fit) "
-                "divides by the batch's own deviation and so undoes a branch scale"
+            return BranchEnd(
+                obstacle=f"the path of an input passes through BatchNormalization '{operation.name}', which in "
+                "training (fit) divides by the batch's own deviation and so undoes a branch scale"
             )
         if not _scales_with_input(operation):
-            return None, None
+            return BranchEnd()
         node = operation._inbound_nodes[node_index]
         if len(node.input_tensors) != 1:
-            return None, None
+            return BranchEnd()
+        if weight is None:
+            weight = _layer_scale(operation)
         tensor = node.input_tensors[0]
-    return None, None
+    return BranchEnd()
 
 
-def _scaling_target(target: Target) -> tuple[Target | None, str | None]:
+def _scaling_target(target: Target, weight: keras.Variable | None) -> BranchEnd:
     """`target` where its output scales with its kernel and bias: Keras's own `call` (`Target.is_linear_in_kernel`)
-    and an activation in `SCALING_ACTIVATIONS`; else `None` and why."""
+    and an activation in `SCALING_ACTIVATIONS`; else no target, and why."""
     name = target.layer.name
     if not target.is_linear_in_kernel:
-        return None, f"layer '{name}' has a `call` of its own, whose output need not scale with its kernel"
+        return BranchEnd(
+            obstacle=f"layer '{name}' has a `call` of its own, whose output need not scale with its kernel"
+        )
     if getattr(target.layer, "activation", None) not in (None, *SCALING_ACTIVATIONS):
-        return None, None
-    return target, None
+        return BranchEnd()
+    return BranchEnd(target, weight)
 
 
 def _graphs(model: keras.layers.Layer) -> Iterator[Any]:

@@ -1,7 +1,8 @@
 """Merges of residual streams in the single-pass engine (`residual="stream"`).
 
 Each merge of a residual stream (`residual.Merge`) is intercepted too: at its first call in a pass that has not
-halted, the last target of each of its branches is scaled so that the merge's output has the target variance
+halted, the last target of each of its branches (or the layer scale on the branch) is scaled so that the merge's
+output has the target variance
 (`residual.solve`), and the pass goes on with that output. Like a layer's rescale, this is tentative: a merge reached
 after the point where its pass halts is undone, and solved again in the next pass. A merge the pass reaches after a
 `BatchNormalization` is left as it is: in training, batch statistics would undo its scale.
@@ -78,16 +79,20 @@ class Merging(EngineBase):
                 f"its branch ends at layer '{name}', which is called several times per pass or was not measured"
             )
             return original_call(*args, **kwargs)
-        limit = min((branch_limit(b.target, b.peak) for b in branches), key=lambda limit: limit.scale)
+        weights = state.merge.branch_weights
+        limit = min(
+            (branch_limit(b.target, b.peak, w) for b, w in zip(branches, weights, strict=True)),
+            key=lambda limit: limit.scale,
+        )
         with as_lsuv_error():
             record, output = solve(state.merge, args, kwargs, self.criterion, limit)
         state.record = record
         if output is None:
             return original_call(*args, **kwargs)
-        for branch in branches:
+        for branch, weight in zip(branches, weights, strict=True):
             assert branch.record is not None
-            state.undo.append((branch, branch.record, scale_branch(branch.target, record.scale)))
-            branch.record, branch.merged = branch_record(branch.record, record), True
+            state.undo.append((branch, branch.record, scale_branch(branch.target, record.scale, weight)))
+            branch.record, branch.merged = branch_record(branch.record, record, weight), True
         return output
 
     def end_merges(self, this_pass: Pass, end: int) -> None:

@@ -84,8 +84,9 @@ class MergeRecord:
     """The outcome of residual-aware LSUV (`residual="stream"`) at one merge of a residual stream.
 
     Args:
-        name: The name of the `Add` layer, or of the `x + y` operation.
-        class_name: `"Add"`.
+        name: The name of the `Add` layer, of the `x + y` operation, or of the
+            `CustomScaleLayer` (InceptionResNetV2's `x + c·branch`).
+        class_name: `"Add"`, or `"CustomScaleLayer"`.
         stream_variance: The variance of the merge's inputs that are not
             branches, summed (the stream); `None` if every input is a branch
             or the merge was skipped.
@@ -93,8 +94,9 @@ class MergeRecord:
             was solved (each branch at unit variance from plain LSUV).
         initial_variance: The merge's output variance before (branch scale 1).
         final_variance: Its output variance at the branch scale.
-        scale: The factor the branches (the kernel and bias of each branch's
-            last layer) were multiplied by.
+        scale: The factor the branches were multiplied by: in the kernel and
+            bias of each branch's last layer, or in the weight of a layer
+            scale on the branch (`scales_with_input`'s `weight`).
         branches: The names of the layers that end the branches.
         converged: Whether `|final_variance - target_variance| < tolerance`.
         reason: Why it was skipped, or why the target was out of reach;

@@ -63,6 +63,20 @@ def mixtral():
     )
 
 
+def qwen3_moe():
+    return text(
+        models.Qwen3MoeBackbone,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+        moe_intermediate_dim=8,
+        num_experts=4,
+        top_k=2,
+        head_dim=8,
+    )
+
+
 def gemma():
     return text(
         models.GemmaBackbone, num_query_heads=2, num_key_value_heads=1, hidden_dim=16, intermediate_dim=32, head_dim=8

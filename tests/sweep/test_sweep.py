@@ -98,6 +98,13 @@ CASES = [
         limits="the experts' kernels are weights of one MixtralMoeExperts layer (an einsum over experts): LSUV "
         "scales it as a kernel layer, over all experts on every token together, not each expert on its own tokens",
     ),
+    hub(
+        "Qwen3-MoE",
+        "qwen3_moe",
+        JAX,
+        limits="the experts' kernels are weights of one Qwen3MoeExperts layer (an einsum over experts): LSUV scales it "
+        "as a kernel layer, over all experts on every token together, not each expert on its own tokens",
+    ),
     hub("Gemma", "gemma", TF),
     hub("Phi-3", "phi3", TORCH),
     hub("Qwen", "qwen", TF),

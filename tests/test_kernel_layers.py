@@ -223,3 +223,43 @@ def test_a_kernel_layer_chosen_with_targets_and_centering():
     report = zoo.initialize_and_check(model, x, targets=lambda layer: layer in chain, center=True)
     assert [record.layer for record in report.records] == chain
     assert all(record.converged for record in report.records)
+
+
+class WindowAttention(layers.Layer):
+    """keras.io's Swin window attention in small: `Dense` projections of its own and a relative position bias table
+    (`add_weight`, a table added to the scores, no map)."""
+
+    def __init__(self, dim, heads=2, window=4, **kwargs):
+        super().__init__(**kwargs)
+        self.dim, self.heads, self.window = dim, heads, window
+        self.qkv = layers.Dense(3 * dim)
+        self.proj = layers.Dense(dim)
+
+    def build(self, input_shape):
+        self.relative_position_bias_table = self.add_weight(
+            shape=((2 * self.window - 1), self.heads), name="relative_position_bias_table"
+        )
+        self.qkv.build(input_shape)
+        self.proj.build(input_shape[:-1] + (self.dim,))
+
+    def call(self, x):  # (batch, window, dim)
+        q, k, v = ops.split(self.qkv(x), 3, axis=-1)
+        scores = q @ ops.swapaxes(k, 1, 2) / np.sqrt(self.dim)
+        offsets = np.arange(self.window)[:, None] - np.arange(self.window)[None] + self.window - 1
+        table = ops.take(self.relative_position_bias_table, offsets.reshape(-1), axis=0)
+        scores = scores + ops.reshape(ops.mean(table, axis=-1), (self.window, self.window))
+        return self.proj(ops.softmax(scores, axis=-1) @ v)
+
+
+def test_swin_window_attention_is_reached_through_its_dense_layers():
+    inputs = keras.Input((4, FEATURES))
+    attention = WindowAttention(FEATURES)
+    model = keras.Model(inputs, layers.Dense(2)(layers.Flatten()(attention(inputs))))
+    x = graph_batch()[:, :4]
+    model(x[:2])
+    assert not keras_lsuv.is_kernel_layer(attention)  # its table is no kernel, and its projections are targets
+    report = zoo.initialize_and_check(model, x)
+    assert {attention.qkv, attention.proj} <= {record.layer for record in report.records}
+    assert report.coverage == 1.0 and all(record.converged for record in report.records)
+    [entry] = report.uncovered  # the table is listed, not counted
+    assert entry.layer is attention and entry.kernel_parameters == 0

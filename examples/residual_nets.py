@@ -17,7 +17,9 @@ Networks, each trained with SGD (momentum 0.9, cosine decay from the learning ra
   as 8x8 images;
 - `conv_stack`: 16 plain Conv2D(16, 3) relu layers on the same images;
 - `transformer`: 4 pre-LN blocks (MultiHeadAttention 2x16, a relu FFN of 64), written with `x + ...`, on a
-  synthetic task: the most frequent of 8 tokens in a sequence of 16 (one-hot in, a Dense embedding).
+  synthetic task: the most frequent of 8 tokens in a sequence of 16 (one-hot in, a Dense embedding);
+- `gpt2` (where keras-hub is installed): keras-hub's `GPT2Backbone` at 4 blocks of 32 (2 heads, a gelu FFN of 64,
+  no dropout), its residual additions inside its blocks' `call`, on the same task as token ids, mean-pooled.
 
 Initializations: `glorot_uniform` (Keras's default), `keras_lsuv.lsuv_init` plain (`lsuv`), with `center=True`
 (`lsuv_center`), with `residual="stream"` (`lsuv_stream`, residual networks only) and with both
@@ -131,9 +133,39 @@ def transformer(task, blocks=4, width=32, heads=2):
     return keras.Model(inputs, keras.layers.Dense(int(task.y_train.max()) + 1)(x))
 
 
+def majority_ids_task():
+    """`majority_task` with token ids in place of one-hot vectors (for a model with a token embedding)."""
+    task = majority_task()
+    ids = {name: getattr(task, name).argmax(-1).astype("int32") for name in ("x_train", "x_test")}
+    return dataclasses.replace(task, name="majority_ids", **ids)
+
+
+def gpt2(task, blocks=4, width=32, heads=2):
+    """keras-hub's `GPT2Backbone` (pre-LN `TransformerDecoder` blocks, their residual additions inside the blocks'
+    `call`), built from its config at `blocks` x `width`, without dropout, mean-pooled into a linear classifier."""
+    import keras_hub
+
+    length = task.x_train.shape[1]
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=int(task.x_train.max()) + 1,
+        num_layers=blocks,
+        num_heads=heads,
+        hidden_dim=width,
+        intermediate_dim=2 * width,
+        dropout=0.0,
+        max_sequence_length=length,
+    )
+    ids = keras.Input((length,), dtype="int32")
+    hidden = backbone({"token_ids": ids, "padding_mask": keras.ops.ones_like(ids)})
+    pooled = keras.layers.GlobalAveragePooling1D()(hidden)
+    return keras.Model(ids, keras.layers.Dense(int(task.y_train.max()) + 1)(pooled))
+
+
 # Each network: its builder, its task, and whether it has residual connections.
 NETWORKS = {"resnet": (resnet, digit_images, True), "conv_stack": (conv_stack, digit_images, False)}
 NETWORKS["transformer"] = (transformer, majority_task, True)
+if importlib.util.find_spec("keras_hub") is not None:
+    NETWORKS["gpt2"] = (gpt2, majority_ids_task, True)
 
 
 def initialize(build, task, initialization, seed):
@@ -160,10 +192,38 @@ def initialize(build, task, initialization, seed):
 
 def stream_variances(model, x):
     """The variance of the output of every addition of the model's graph (the residual stream after each block), in
-    graph order, measured in a plain forward pass."""
+    graph order, measured in a plain forward pass; for a model whose additions are inside its blocks' `call`
+    (keras-hub's GPT-2), the output of each block."""
+    blocks = [layer for layer in model._flatten_layers() if type(layer).__name__ == "TransformerDecoder"]
+    if blocks:
+        return block_output_variances(model, x, blocks)
     additions = [op for op in model.operations if type(op).__name__ == "Add"]
     probe = keras.Model(model.inputs[0], [op.output for op in additions])
     return [float(np.var(keras.ops.convert_to_numpy(output))) for output in probe(x, training=False)]
+
+
+def block_output_variances(model, x, blocks):
+    """The variance of each block's output (the stream after its second addition) in a plain forward pass, read by
+    an instance-level `call` on each block, removed afterwards."""
+    variances = []
+
+    def recorded(call):
+        def record(*args, **kwargs):
+            output = call(*args, **kwargs)
+            hidden = output[0] if isinstance(output, tuple) else output
+            variances.append(float(np.var(keras.ops.convert_to_numpy(hidden))))
+            return output
+
+        return record
+
+    for block in blocks:
+        vars(block)["call"] = recorded(block.call)
+    try:
+        model(x, training=False)
+    finally:
+        for block in blocks:
+            vars(block).pop("call", None)
+    return variances
 
 
 def dead_channels(model, x):

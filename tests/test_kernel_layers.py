@@ -263,3 +263,15 @@ def test_swin_window_attention_is_reached_through_its_dense_layers():
     assert report.coverage == 1.0 and all(record.converged for record in report.records)
     [entry] = report.uncovered  # the table is listed, not counted
     assert entry.layer is attention and entry.kernel_parameters == 0
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_kernel_layers_under_mixed_precision(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = graph_model(shared_chain=True)
+        report = zoo.initialize_and_check(model, graph_batch())
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert all(record.converged for record in report.records)
+    assert all(kernel.dtype == "float32" for layer in kernel_layers(model) for kernel in layer.weights)

@@ -121,3 +121,13 @@ def test_targets_can_leave_recurrent_layers_out_and_conv_lstm_is_listed():
     cells = [layer.cell for layer in recurrent_layers(lstm_model)]
     listed = [entry for entry in report.uncovered if entry.layer in cells]
     assert len(listed) == 4 and all("targets= can choose it" in entry.reason for entry in listed)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_recurrent_layers_under_mixed_precision(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        report = zoo.initialize_and_check(text_model(), token_batch())
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert all(record.converged for record in report.records)

@@ -190,6 +190,18 @@ class Target:
         with without_activation(self.layer) as activation:
             yield activation
 
+    def experts(self, output: Any) -> int | None:
+        """The number of experts of a bank whose output `output` stacks them on its first axis, or `None`.
+
+        A bank is a kernel layer whose scaled kernel is an `(experts, in, out)` weight (`expert` in its name, as
+        keras-hub's `MixtralMoeExperts` and `Qwen3MoeExperts` name theirs) and whose output has `experts` rows on
+        its first axis: each expert is then scaled on its own (`keras_lsuv.experts`).
+        """
+        kernel = self.scaled_kernel if self.is_kernel_layer else None
+        if kernel is None or len(kernel.shape) != 3 or "expert" not in kernel.name.lower() or len(output.shape) < 2:
+            return None
+        return int(kernel.shape[0]) if output.shape[0] == kernel.shape[0] else None
+
     def unmeasurable(self, output: Any) -> str | None:
         """Why the output of one of the layer's calls cannot be measured (not one floating tensor: a kernel layer
         may return anything), or `None`."""

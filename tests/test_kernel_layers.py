@@ -14,6 +14,7 @@ import zoo
 from keras import layers, ops
 
 import keras_lsuv
+from keras_lsuv.centering import NO_BIAS_REASON
 from keras_lsuv.coverage import HOLDS_TARGETS
 
 
@@ -275,3 +276,34 @@ def test_kernel_layers_under_mixed_precision(policy):
         keras.mixed_precision.set_global_policy("float32")
     assert all(record.converged for record in report.records)
     assert all(kernel.dtype == "float32" for layer in kernel_layers(model) for kernel in layer.weights)
+
+
+def expert_variances(model, x, bank):
+    """Each expert's variance over every call of `bank`, from the oracle's outputs `(experts, tokens, dim)`."""
+    outputs = zoo.preactivations(model, x)[bank]
+    return np.concatenate([output.reshape(output.shape[0], -1) for output in outputs], axis=1).var(axis=1)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_each_expert_of_a_bank_is_scaled_on_its_own(center):
+    inputs = keras.Input((FEATURES,))
+    bank = Experts(experts=4)
+    model = keras.Model(inputs, layers.Dense(2)(ops.mean(bank(layers.Dense(16)(inputs)), axis=0)))
+    x = graph_batch()[:, 0]
+    model(x[:2])
+    bank.down.assign(ops.convert_to_numpy(bank.down) * np.array([1.0, 10.0, 0.1, 3.0])[:, None, None])
+    report = zoo.initialize_and_check(model, x, orthonormal=False, center=center)  # the experts' spread kept
+    [record] = [record for record in report.records if record.layer is bank]
+    assert record.converged, record
+    assert (record.reason == NO_BIAS_REASON) == center
+    np.testing.assert_allclose(expert_variances(model, x, bank), 1.0, atol=0.1)
+
+
+def test_a_bank_called_twice_is_scaled_whole_over_both_calls():
+    inputs = keras.Input((FEATURES,))
+    bank = Experts(experts=2, hidden=6)
+    first = ops.mean(bank(layers.Dense(FEATURES)(inputs)), axis=0)
+    model = keras.Model(inputs, layers.Dense(2)(ops.mean(bank(first), axis=0)))
+    report = zoo.initialize_and_check(model, graph_batch()[:, 0])
+    [record] = [record for record in report.records if record.layer is bank]
+    assert record.converged and "over its 2 calls" not in (record.reason or "")

@@ -381,8 +381,22 @@ def assert_report_is_true(model, x, report, before, tolerance=0.1, select=None, 
             value = measured[record.layer]
             assert abs(value - 1.0) < tolerance, f"{record.name}: reported converged, measures {value}"
             assert abs(record.final_variance - value) <= 2e-2 * value, f"{record.name}: {record} vs {value}"
+            experts = expert_rows(record.layer, outputs[record.layer]) if report.engine == "single_pass" else None
+            if experts is not None:
+                each = np.var(experts, axis=1)  # a bank called once: each expert scaled on its own
+                assert np.all(np.abs(each - 1.0) < tolerance), f"{record.name}: experts measure {each}"
     for weight in weights_of(model):
         assert np.isfinite(weight).all()
+
+
+def expert_rows(layer, outputs):
+    """Each expert's output, as rows, where `layer` is a mixture-of-experts bank called once (a float32 rank-3 kernel
+    named `expert...` last among its kernels, its output stacking that many experts on its first axis); else
+    `None`."""
+    banks = [w for w in layer.weights if len(w.shape) == 3 and "expert" in w.name.lower() and w.dtype == "float32"]
+    if len(outputs) != 1 or not banks or outputs[0].ndim < 2 or outputs[0].shape[0] != banks[-1].shape[0]:
+        return None
+    return outputs[0].reshape(outputs[0].shape[0], -1)
 
 
 class CheckWhenTrainingBegins(keras.callbacks.Callback):

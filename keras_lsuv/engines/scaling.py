@@ -20,6 +20,7 @@ from keras import ops
 from keras_lsuv.centering import channel_groups, find_centered_scale, with_means
 from keras_lsuv.engines.forward import EngineBase, layer_output
 from keras_lsuv.engines.state import LayerState, Pass, Status, as_lsuv_error
+from keras_lsuv.experts import find_expert_scales
 from keras_lsuv.processes import measurements_are_global
 from keras_lsuv.rescale import (
     ScaleLimit,
@@ -229,6 +230,10 @@ class LayerScaling(EngineBase):
         shortcut cannot predict exactly).
         """
         target = state.target
+        experts = target.experts(preactivation)
+        one_call = state.prediction is None and not state.multi_call
+        if experts and one_call and variable_dtype(target.scaled_kernel) == "float32":  # float32: no scale limit
+            return self._rescale_experts(state, original_call, args, kwargs, preactivation, experts)
         layer, kernel = target.layer, target.scaled_kernel
         original = state.kernel_original()
         latest: dict[str, Any] = {"scale": 1.0, "preactivation": preactivation}
@@ -267,6 +272,39 @@ class LayerScaling(EngineBase):
         state.measured.append(latest["moments"])
         state.peak = output_peak(layer, latest["preactivation"]) if self.merges else 0.0
         return layer_output(target, original_call, args, kwargs, latest["preactivation"], activation)
+
+    def _rescale_experts(
+        self,
+        state: LayerState,
+        original_call: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
+        experts: int,
+    ) -> Any:
+        """A mixture-of-experts bank (`Target.experts`): each expert's slice of the scaled kernel multiplied so that
+        its output (its row of the bank's output) has the target variance, evaluating the bank again at each step
+        (`experts.find_expert_scales`); returns the bank's output at those scales."""
+        target = state.target
+        kernel, original = target.scaled_kernel, state.kernel_original()
+        latest: dict[str, Any] = {"output": output}
+        measured: list[Moments] = []
+
+        def moments_at(scales: np.ndarray | None) -> Moments:
+            if scales is not None:
+                write_kernel(kernel, original, scales.reshape(-1, 1, 1).astype("float32"))
+                latest["output"] = original_call(*args, **kwargs)
+            rows = ops.moveaxis(ops.cast(latest["output"], "float32"), 0, -1)
+            measured.append(moments(ops.reshape(rows, (-1, experts)), (experts,)))
+            return measured[-1]
+
+        with as_lsuv_error():
+            record, _, final = find_expert_scales(target, moments_at, self.criterion)
+        if self.center:  # no bias to center: its record says so
+            record = with_means(target, record, measured[0].pooled(), final.pooled(), self.criterion)
+        state.record, state.experts = record, True
+        state.measured.append(final.pooled())
+        return latest["output"]
 
 
 def _predicted(state: LayerState, first_at: Callable[[float], float]) -> Callable[[float], float]:

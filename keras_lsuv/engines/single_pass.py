@@ -192,7 +192,7 @@ class SinglePass(LayerScaling, Merging, Settling):
             write_kernel(state.target.scaled_kernel, state.kernel_original(), 1.0)  # undo: it is redone later
             if self.center and state.target.host_bias is not None:
                 write_bias(state.target.layer.bias, state.target.host_bias)
-            state.record = None
+            state.record, state.experts = None, False
             if state.status is Status.TENTATIVE:
                 state.status = Status.PENDING
         for state in self.states:
@@ -227,6 +227,10 @@ class SinglePass(LayerScaling, Merging, Settling):
         its first call where it missed the target and another pass may reach it (`multi_call`)."""
         record, calls = state.record, len(state.measured)
         assert record is not None
+        if state.experts:  # its experts were scaled for its first call: the next pass scales it whole, for every call
+            state.experts = False
+            this_pass.halt(state, state.first_tick)
+            return
         first = state.measured[0]
         if first is None:  # rescaled on the device: its first call's moments are not known; the next pass knows
             this_pass.halt(state, state.first_tick)

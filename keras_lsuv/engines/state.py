@@ -81,6 +81,8 @@ class LayerState:
         passes: The passes that rescaled it and measured several calls.
         rescales: The rescales those passes applied, all told (`LayerRecord.iterations`).
         reason: Why it is unmeasurable (`Status.UNMEASURABLE`), else `None`.
+        experts: Whether its record is a bank's, each expert scaled on its own (`keras_lsuv.experts`): a pass that
+            finds it called several times halts there, and the next pass scales the bank as a whole.
     """
 
     target: Target
@@ -99,6 +101,7 @@ class LayerState:
     passes: int = 0
     rescales: int = 0
     reason: str | None = None
+    experts: bool = False
 
     @property
     def open(self) -> bool:

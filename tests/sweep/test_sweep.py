@@ -96,14 +96,14 @@ CASES = [
         "mixtral",
         TORCH,
         limits="the experts' kernels are weights of one MixtralMoeExperts layer (an einsum over experts): LSUV "
-        "scales it as a kernel layer, over all experts on every token together, not each expert on its own tokens",
+        "scales each expert on every token of the batch, not on the tokens routed to it",
     ),
     hub(
         "Qwen3-MoE",
         "qwen3_moe",
         JAX,
-        limits="the experts' kernels are weights of one Qwen3MoeExperts layer (an einsum over experts): LSUV scales it "
-        "as a kernel layer, over all experts on every token together, not each expert on its own tokens",
+        limits="the experts' kernels are weights of one Qwen3MoeExperts layer (an einsum over experts): LSUV "
+        "scales each expert on every token of the batch, not on the tokens routed to it",
     ),
     hub("Gemma", "gemma", TF),
     hub("Phi-3", "phi3", TORCH),

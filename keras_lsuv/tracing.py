@@ -42,6 +42,8 @@ class TracedCall:
         arguments: The call's positional argument count and keyword names.
         constants: The call's arguments that are not tensors, in `keras.tree.flatten` order.
         specs: The shape and dtype of each tensor argument, in the same order.
+        output: The traced call's output: the graph's outputs are its Keras tensors, in `keras.tree.flatten` order;
+            its other leaves (a `None` in `(x, None)`) are constants of the call.
     """
 
     layer: keras.layers.Layer
@@ -49,6 +51,7 @@ class TracedCall:
     arguments: tuple[int, tuple[str, ...]]
     constants: list[Any]
     specs: list[tuple[tuple[int, ...], str]]
+    output: Any
 
     def tensors_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
         """The tensors among a call's arguments, where the call is like the traced one (same tensor shapes and
@@ -71,9 +74,17 @@ class TracedCall:
             tensors = None if is_traced((args, kwargs)) else self.tensors_of(args, kwargs)
             if tensors is None:
                 return original_call(*args, **kwargs)
-            return self.function(tensors)
+            return self.outputs_of(tensors)
 
         return call
+
+    def outputs_of(self, tensors: list[Any]) -> Any:
+        """The call's output, through the graph, for the tensors among its arguments."""
+        values = iter(self.function(tensors))
+        leaves = tree.flatten(self.output)
+        return tree.pack_sequence_as(
+            self.output, [next(values) if isinstance(leaf, keras.KerasTensor) else leaf for leaf in leaves]
+        )
 
 
 @dataclasses.dataclass
@@ -157,19 +168,26 @@ def _trace(
     )
     try:
         with _traceable(layer):
-            function = keras.Function(inputs, call(*symbolic_args, **symbolic_kwargs))
+            symbolic_output = call(*symbolic_args, **symbolic_kwargs)
+            outputs = [leaf for leaf in tree.flatten(symbolic_output) if isinstance(leaf, keras.KerasTensor)]
+            function = keras.Function(inputs, outputs)
     except Exception as error:  # noqa: BLE001 - any failure of a user's `call` on Keras tensors: not traced, and why
-        return f"its call cannot be traced on Keras tensors ({type(error).__name__}: {error})"
+        return f"its call cannot be traced on Keras tensors ({type(error).__name__}: {_first_line(error)})"
+    arguments = (len(args), tuple(sorted(kwargs)))
+    constants = [leaf for leaf in leaves if not _is_tensor(leaf)]
+    traced = TracedCall(layer, function, arguments, constants, [_spec(t) for t in tensors], symbolic_output)
+    try:
+        with inference_mode():
+            replayed = traced.outputs_of(tensors)
+        reproduced = _equal(replayed, output)
+    except Exception as error:  # noqa: BLE001 - a graph that fails where the call ran is not the call's
+        return f"its call traced on Keras tensors fails on the batch ({type(error).__name__}: {_first_line(error)})"
+    if not reproduced:
+        return "its call traced on Keras tensors does not reproduce its output on the batch"
     for operation in function.operations:
         if not isinstance(operation, keras.layers.Layer):  # an operation of its own: named after the layer
             operation.name = f"{layer.name}/{operation.name}"
-    with inference_mode():
-        replayed = function(tensors)
-    if not _equal(replayed, output):
-        return "its call traced on Keras tensors does not reproduce its output on the batch"
-    arguments = (len(args), tuple(sorted(kwargs)))
-    constants = [leaf for leaf in leaves if not _is_tensor(leaf)]
-    return TracedCall(layer, function, arguments, constants, [_spec(t) for t in tensors])
+    return traced
 
 
 @contextlib.contextmanager
@@ -203,6 +221,13 @@ def _spec_predates_call(kind: type[Any]) -> bool:
     if not calls or not specs or specs[0] in (keras.layers.Layer, keras.Operation):
         return False
     return calls[0] is not specs[0] and issubclass(calls[0], specs[0])
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of an error's message that says something (Keras wraps a layer's error in several lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    meaningful = [line for line in lines if not line.startswith("Exception encountered when calling")]
+    return (meaningful or lines or [""])[0]
 
 
 def _keras_call(layer: keras.layers.Layer) -> bool:

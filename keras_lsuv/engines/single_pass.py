@@ -112,7 +112,7 @@ class SinglePass(LayerScaling, Merging, Settling):
         self.traced = tracing.traced
         found = find_merges(model, targets, self.traced) if self.traced else list(self.merge_records)
         untraced = [
-            Merge(layer, [], [], [], f"the additions inside its call are not found: {reason}")
+            Merge(layer, [], [], [], f"additions inside its call, if any, are not found: {reason}")
             for layer, reason in tracing.untraced.items()
         ]
         self.merge_records.clear()

@@ -121,6 +121,17 @@ def test_both_additions_of_each_block_are_found_and_the_stream_measures_the_targ
     assert len(measured) == 8
 
 
+def test_plain_lsuv_traces_nothing_and_the_stream_grows_with_depth():
+    model = stacked()
+    x = stream_batch()
+    model(x[:2])
+    report = zoo.run(model, x)
+    assert report.merges == []
+    blocks = [layer for layer in model.layers if isinstance(layer, TransformerBlock)]
+    measured = streams(model, x, {block: "output" for block in blocks})
+    assert measured[blocks[-1]] > 4.0, measured  # each unit-variance branch adds to the stream
+
+
 def test_tracing_leaves_the_model_as_it_was():
     model = stacked(depth=2)
     x = stream_batch()

@@ -83,7 +83,7 @@ class SinglePass(LayerScaling, Merging, Settling):
         self.merge_records = {} if merges is None else merges
         # With merges to solve, the layers whose calls add residuals eagerly, traced into graphs (`tracing`).
         self.traced: list[TracedCall] = []
-        if merges is not None:
+        if options.residual is not None:
             self._trace_merges(model, batch, targets)
         merge_states = [MergeState(merge) for merge in self.merge_records if not merge.skip_reason]
         super().__init__(model, batch, options, states, merge_states)

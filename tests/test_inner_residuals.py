@@ -52,6 +52,27 @@ class Stack(keras.Model):
         return self.head(x)
 
 
+class ScoredBlock(TransformerBlock):
+    """A block that returns a tuple with a `None` in it, as attention blocks return `(x, scores)` or `(x, None)`."""
+
+    def call(self, x):
+        return super().call(x), None
+
+
+class ScoredStack(keras.Model):
+    """`ScoredBlock`s called by a subclassed model's `call`, each tuple's first item going on."""
+
+    def __init__(self, depth=2, width=16, **kwargs):
+        super().__init__(**kwargs)
+        self.blocks = [ScoredBlock(width) for _ in range(depth)]
+        self.head = layers.Dense(3)
+
+    def call(self, x):
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.head(x)
+
+
 def stacked(block=TransformerBlock, depth=4, width=16, tokens=6, functional=True):
     """`depth` blocks on the input itself (the stream starts at the data's variance), then a head: a Functional
     model, or a subclassed one (`Stack`)."""
@@ -71,11 +92,12 @@ def stream_batch(n=64, scale=0.5):
 
 def streams(model, x, points):
     """The variance, in a plain forward pass, of each `(layer, "input" | "output")` in `points`: the input of a
-    layer's call, or its output."""
+    layer's call, or its output (its first item, for a tuple)."""
     found = {}
 
     def record(layer, args, kwargs, output):
         value = output if points[layer] == "output" else (args[0] if args else next(iter(kwargs.values())))
+        value = value[0] if isinstance(value, tuple) else value  # a `(x, None)` output: its tensor
         found[layer] = float(np.var(ops.convert_to_numpy(value).astype("float64")))
 
     with zoo.recorded_calls(list(points), record):
@@ -201,4 +223,14 @@ def test_keras_hub_gpt2_has_both_residuals_of_every_block_solved_as_measured():
         lambda b: b._feedforward_layer_norm,
         lambda b: b._self_attention_layer._output_dense,
         lambda b: b._feedforward_output_dense,
+    )
+
+
+def test_a_block_returning_a_tuple_with_none_is_traced_and_solved():
+    model = ScoredStack()
+    x = stream_batch()
+    model(x[:2])
+    report = zoo.run(model, x, residual="stream")
+    check_blocks(
+        model, x, report, model.blocks, lambda b: b.mlp_norm, lambda b: b.attention._output_dense, lambda b: b.down
     )

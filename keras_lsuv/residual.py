@@ -2,7 +2,8 @@
 
 Plain LSUV gives every branch of a residual network unit variance, so a stream that adds a branch per block grows
 with depth. With `residual="stream"`, each merge `Add([stream, branch])` of a Functional graph (a `keras.layers.Add`
-or an `x + y` between Keras tensors) is solved in the same pass as the layers: the last target of each branch (and
+or an `x + y` between Keras tensors), or of a layer's `call` traced into a graph (`tracing`: `x = x + self.mlp(x)`
+inside a subclassed layer), is solved in the same pass as the layers: the last target of each branch (and
 everything the branch's output passes through that scales with it) is multiplied by one factor `s >= 0` chosen so
 that the merge's output has the target variance. Its variance as a function of `s` is a quadratic known from one
 reduction: `var(U + s·S) = var(U) + 2·s·cov(U, S) + s²·var(S)`, where `U` is the sum of the inputs that are not
@@ -199,10 +200,12 @@ def _coefficients(operation: Any, inputs: int) -> list[float] | None:
 
 @dataclasses.dataclass(eq=False)
 class Merge:
-    """One merge of a residual stream: an addition node of a Functional graph.
+    """One merge of a residual stream: an addition node of a Functional graph or of a layer's traced call; or, with
+    no branch and a `skip_reason`, a layer whose call could not be traced (its additions unseen).
 
     Args:
-        operation: The `Add` layer, the addition operation, or the `CustomScaleLayer` of the node.
+        operation: The `Add` layer, the addition operation, or the `CustomScaleLayer` of the node (or the layer not
+            traced).
         branches: For each input of the node, in order, the target that ends its branch, or `None` for the stream.
         coefficients: For each input, the constant it is multiplied by in the merge (1 but for `CustomScaleLayer`).
         weights: For each input, the variable its branch is scaled in where the branch passes through a layer scale

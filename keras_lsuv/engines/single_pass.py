@@ -17,7 +17,9 @@ next pass, rescaled for what this one measured. A target called with symbolic va
 there too; so does one called inside torch's `vmap` (`keras.ops.vectorized_map` on torch).
 
 With `residual="stream"`, each merge of a residual stream is solved as the pass reaches it (`merging.Merging`), and
-where a solved merge may have moved the model, the model is measured again at the end (`settling.Settling`).
+where a solved merge may have moved the model, the model is measured again at the end (`settling.Settling`). The
+layers that add residuals inside their own `call` are traced into graphs first (`tracing`), and every pass runs them
+through their graphs, so that their additions are merges it reaches.
 Each target's `call` is intercepted by `SinglePass._intercept`, whose docstring is its contract.
 """
 

@@ -550,7 +550,9 @@ def _branch_end(tensor: Any, by_layer: dict[int, Target], graph: Graph) -> Branc
     while graph.consumers[id(tensor)] == 1 and id(tensor) in graph.producers:
         node = graph.producers[id(tensor)]
         operation: Any = node.operation
-        if graph.calls[id(operation)] != 1:
+        # A layer called several times is scaled at all its calls: only one without weights (a dropout keras-hub's
+        # blocks apply after their attention and their MLP alike) passes a branch's scale through one of them.
+        if graph.calls[id(operation)] != 1 and not (_scales_with_input(operation) and not operation.weights):
             return BranchEnd()
         inner = graph.traced.get(id(operation))
         if inner is not None and len(inner.outputs) == 1:  # the layer's output is its traced graph's

@@ -29,6 +29,19 @@ class TransformerBlock(layers.Layer):
         return x + self.down(self.up(self.mlp_norm(x)))
 
 
+class SharedDropoutBlock(TransformerBlock):
+    """One `Dropout` after both branches, as keras-hub's ViT and Bloom blocks apply theirs."""
+
+    def __init__(self, width, **kwargs):
+        super().__init__(width, **kwargs)
+        self.dropout = layers.Dropout(0.1)
+
+    def call(self, x):
+        h = self.attention_norm(x)
+        x = x + self.dropout(self.attention(h, h))
+        return x + self.dropout(self.down(self.up(self.mlp_norm(x))))
+
+
 class HostBlock(TransformerBlock):
     """A block whose `call` reads a value on the host: it cannot be traced on Keras tensors."""
 
@@ -125,9 +138,13 @@ def check_blocks(model, x, report, blocks, mlp_norm, attention_end, mlp_end, tol
     return measured
 
 
-@pytest.mark.parametrize("functional", [True, False], ids=["functional", "subclassed"])
-def test_both_additions_of_each_block_are_found_and_the_stream_measures_the_target_after_each(functional):
-    model = stacked(functional=functional)
+@pytest.mark.parametrize(
+    "functional, block",
+    [(True, TransformerBlock), (False, TransformerBlock), (True, SharedDropoutBlock)],
+    ids=["functional", "subclassed", "shared_dropout"],
+)
+def test_both_additions_of_each_block_are_found_and_the_stream_measures_the_target_after_each(functional, block):
+    model = stacked(block, functional=functional)
     x = stream_batch()
     model(x[:2])
     report = zoo.run(model, x, residual="stream")

@@ -211,15 +211,19 @@ def report_for(options: LSUVOptions, skipped_reason: str | None = None) -> LSUVR
 
 
 def _no_merge_solved(merges: list[MergeRecord]) -> str:
-    """The warning of a `residual="stream"` run that solved no merge: how many additions it saw, and what it cannot
+    """The warning of a `residual="stream"` run that solved no merge: how many merges it saw, and what it cannot
     see."""
-    unseen = "additions inside a subclassed layer's or model's `call` are no graph nodes, so they are not seen"
+    unseen = (
+        "additions inside a subclassed model's `call`, or inside a layer's `call` that could not be traced (called "
+        "several times per pass, or not on Keras tensors), are not seen"
+    )
+    where = "the model's Functional graphs and its layers' traced calls"
     if not merges:
-        return f"LSUV: residual='stream' found no addition in the model's Functional graphs ({unseen})."
-    count = f"{len(merges)} addition{'s' if len(merges) > 1 else ''}"
+        return f"LSUV: residual='stream' found no addition in {where} ({unseen})."
+    count = f"{len(merges)} merge{'s' if len(merges) > 1 else ''}"
     return (
-        f"LSUV: residual='stream' solved no merge: it saw {count} in the model's Functional graphs and could solve "
-        f"none (report.merges says why, e.g. '{merges[0].name}': {merges[0].reason}); {unseen}."
+        f"LSUV: residual='stream' solved no merge: it saw {count} in {where} and could solve none (report.merges "
+        f"says why, e.g. '{merges[0].name}': {merges[0].reason}); {unseen}."
     )
 
 

@@ -2,7 +2,8 @@
 
 Plain LSUV gives every branch of a residual network unit variance, so a stream that adds a branch per block grows
 with depth. With `residual="stream"`, each merge `Add([stream, branch])` of a Functional graph (a `keras.layers.Add`
-or an `x + y` between Keras tensors) is solved in the same pass as the layers: the last target of each branch (and
+or an `x + y` between Keras tensors), or of a layer's `call` traced into a graph (`tracing`: `x = x + self.mlp(x)`
+inside a subclassed layer), is solved in the same pass as the layers: the last target of each branch (and
 everything the branch's output passes through that scales with it) is multiplied by one factor `s >= 0` chosen so
 that the merge's output has the target variance. Its variance as a function of `s` is a quadratic known from one
 reduction: `var(U + s·S) = var(U) + 2·s·cov(U, S) + s²·var(S)`, where `U` is the sum of the inputs that are not
@@ -34,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import keras
@@ -45,6 +46,7 @@ from keras_lsuv.report import LayerRecord, MergeRecord
 from keras_lsuv.rescale import Criterion, ScaleLimit, float32_copy, variable_dtype, write_kernel
 from keras_lsuv.statistics import moments, variance
 from keras_lsuv.targets import Target
+from keras_lsuv.tracing import TracedCall
 
 STREAM = "stream"
 RESIDUAL_MODES = (STREAM,)
@@ -198,10 +200,12 @@ def _coefficients(operation: Any, inputs: int) -> list[float] | None:
 
 @dataclasses.dataclass(eq=False)
 class Merge:
-    """One merge of a residual stream: an addition node of a Functional graph.
+    """One merge of a residual stream: an addition node of a Functional graph or of a layer's traced call; or, with
+    no branch and a `skip_reason`, a layer whose call could not be traced (its additions unseen).
 
     Args:
-        operation: The `Add` layer, the addition operation, or the `CustomScaleLayer` of the node.
+        operation: The `Add` layer, the addition operation, or the `CustomScaleLayer` of the node (or the layer not
+            traced).
         branches: For each input of the node, in order, the target that ends its branch, or `None` for the stream.
         coefficients: For each input, the constant it is multiplied by in the merge (1 but for `CustomScaleLayer`).
         weights: For each input, the variable its branch is scaled in where the branch passes through a layer scale
@@ -244,17 +248,23 @@ class Merge:
         return self.record(reason=reason or self.skip_reason or "not reached by the forward pass")
 
 
-def find_merges(model: keras.Model, targets: list[Target]) -> list[Merge]:
-    """Every addition node of the Functional graphs in `model` (itself and nested ones), with its branches, once.
+def find_merges(model: keras.Model, targets: list[Target], traced: Sequence[TracedCall] = ()) -> list[Merge]:
+    """Every addition node of the Functional graphs in `model` (itself and nested ones) and of the graphs its layers'
+    calls were traced into (`traced`), with its branches, once.
 
     A node belongs to several graphs where a Functional model is built from another one's tensors (keras-hub's
     `DeepLabV3Backbone` builds its feature pyramid from its encoder's): each operation is one merge, as each layer is
     one target, and a tensor's consumers are counted over every graph, so that a branch is used by nothing else in
     any of them.
 
+    A layer whose call was traced is, in the graph that calls it, as its traced graph: a branch that ends at its
+    output goes on inside it from its traced output (a `TransformerEncoder` as a Functional graph's branch, keras-hub's
+    `CachedMultiHeadAttention` ending at its output projection as `MultiHeadAttention` does).
+
     Args:
         model: The model, built.
         targets: Its targets; those with a `skip_reason` end no branch (their layer is left alone).
+        traced: The calls of its layers traced into graphs (`tracing.trace_calls`).
 
     Returns:
         The merges, in each graph's topological order. A merge whose operation appears in several nodes is not
@@ -263,19 +273,24 @@ def find_merges(model: keras.Model, targets: list[Target]) -> list[Merge]:
     by_layer = {id(t.layer): t for t in targets if not t.skip_reason}
     nodes: dict[int, Any] = {}  # every node of every graph, once, by id
     outputs = []
-    for graph in _graphs(model):
+    for graph in [*_graphs(model), *(call.function for call in traced)]:
         for depth in sorted(graph._nodes_by_depth, reverse=True):
             nodes.update((id(node), node) for node in graph._nodes_by_depth[depth])
         outputs += tree.flatten(graph.outputs)
-    consumers = Counter(id(tensor) for node in nodes.values() for tensor in node.input_tensors)
-    consumers.update(id(tensor) for tensor in outputs)
-    calls = Counter(id(node.operation) for node in nodes.values())
+    index = Graph(
+        consumers=Counter(id(tensor) for node in nodes.values() for tensor in node.input_tensors),
+        calls=Counter(id(node.operation) for node in nodes.values()),
+        producers={id(tensor): node for node in nodes.values() for tensor in node.outputs},
+        traced={id(call.layer): call.function for call in traced},
+    )
+    index.consumers.update(id(tensor) for tensor in outputs)
+    calls = index.calls
     merges: dict[int, Merge] = {}
     for node in nodes.values():
         coefficients = _coefficients(node.operation, len(node.input_tensors))
         if coefficients is None or len(node.input_tensors) < 2 or id(node.operation) in merges:
             continue
-        ends = [_branch_end(tensor, by_layer, consumers, calls) for tensor in node.input_tensors]
+        ends = [_branch_end(tensor, by_layer, index) for tensor in node.input_tensors]
         merge = merges[id(node.operation)] = Merge(
             node.operation, [end.target for end in ends], coefficients, [end.weight for end in ends]
         )
@@ -515,16 +530,35 @@ class BranchEnd:
     obstacle: str | None = None
 
 
-def _branch_end(tensor: Any, by_layer: dict[int, Target], consumers: Counter[int], calls: Counter[int]) -> BranchEnd:
+@dataclasses.dataclass
+class Graph:
+    """What `find_merges` knows of every graph at once, by tensor and operation id: how many nodes consume each
+    tensor (a graph's output counts as one), how many nodes call each operation, the node that produces each tensor,
+    and the traced graph of each layer whose call was traced."""
+
+    consumers: Counter[int]
+    calls: Counter[int]
+    producers: dict[int, Any]
+    traced: dict[int, keras.Function]
+
+
+def _branch_end(tensor: Any, by_layer: dict[int, Target], graph: Graph) -> BranchEnd:
     """The target whose output reaches `tensor` through layers that scale with it, each output used once, with the
     first layer scale's weight on the way; else no target, with what stops it where that is worth a merge's skip
     reason."""
     weight: keras.Variable | None = None
-    while consumers[id(tensor)] == 1:
-        operation: Any = tensor._keras_history[0]
-        node_index: int = tensor._keras_history[1]
-        if calls[id(operation)] != 1:
+    while graph.consumers[id(tensor)] == 1 and id(tensor) in graph.producers:
+        node = graph.producers[id(tensor)]
+        operation: Any = node.operation
+        # A layer called several times is scaled at all its calls: only one without weights (a dropout keras-hub's
+        # blocks apply after their attention and their MLP alike) passes a branch's scale through one of them.
+        if graph.calls[id(operation)] != 1 and not (_scales_with_input(operation) and not operation.weights):
             return BranchEnd()
+        inner = graph.traced.get(id(operation))
+        if inner is not None and len(inner.outputs) == 1:  # the layer's output is its traced graph's
+            end = _branch_end(inner.outputs[0], by_layer, graph)
+            if end.target is not None:
+                return BranchEnd(end.target, end.weight if weight is None else weight)
         if isinstance(operation, layers.MultiHeadAttention):
             if type(operation).call is not layers.MultiHeadAttention.call:  # a `call` of its own may do more after
                 return BranchEnd(
@@ -539,10 +573,7 @@ def _branch_end(tensor: Any, by_layer: dict[int, Target], consumers: Counter[int
                 obstacle=f"the path of an input passes through BatchNormalization '{operation.name}', which in "
                 "training (fit) divides by the batch's own deviation and so undoes a branch scale"
             )
-        if not _scales_with_input(operation):
-            return BranchEnd()
-        node = operation._inbound_nodes[node_index]
-        if len(node.input_tensors) != 1:
+        if not _scales_with_input(operation) or len(node.input_tensors) != 1:
             return BranchEnd()
         if weight is None:
             weight = _layer_scale(operation)

@@ -17,7 +17,9 @@ next pass, rescaled for what this one measured. A target called with symbolic va
 there too; so does one called inside torch's `vmap` (`keras.ops.vectorized_map` on torch).
 
 With `residual="stream"`, each merge of a residual stream is solved as the pass reaches it (`merging.Merging`), and
-where a solved merge may have moved the model, the model is measured again at the end (`settling.Settling`).
+where a solved merge may have moved the model, the model is measured again at the end (`settling.Settling`). The
+layers that add residuals inside their own `call` are traced into graphs first (`tracing`), and every pass runs them
+through their graphs, so that their additions are merges it reaches.
 Each target's `call` is intercepted by `SinglePass._intercept`, whose docstring is its contract.
 """
 
@@ -41,8 +43,9 @@ from keras_lsuv.interception import is_traced
 from keras_lsuv.options import LSUVOptions
 from keras_lsuv.report import LayerRecord, MergeRecord
 from keras_lsuv.rescale import write_bias, write_kernel
-from keras_lsuv.residual import Merge
+from keras_lsuv.residual import Merge, find_merges
 from keras_lsuv.targets import Target, read_biases
+from keras_lsuv.tracing import TracedCall, candidates, trace_calls
 
 
 def run_single_pass(
@@ -80,6 +83,10 @@ class SinglePass(LayerScaling, Merging, Settling):
     ) -> None:
         states = [LayerState(t, Status.SKIPPED if t.skip_reason else Status.PENDING) for t in targets]
         self.merge_records = {} if merges is None else merges
+        # With merges to solve, the layers whose calls add residuals eagerly, traced into graphs (`tracing`).
+        self.traced: list[TracedCall] = []
+        if options.residual is not None:
+            self._trace_merges(model, batch, targets)
         merge_states = [MergeState(merge) for merge in self.merge_records if not merge.skip_reason]
         super().__init__(model, batch, options, states, merge_states)
         self.on_record = on_record
@@ -95,6 +102,32 @@ class SinglePass(LayerScaling, Merging, Settling):
         self.reached: dict[LayerState, None] = {}
         self.merges_reached: dict[Merge, None] = {}  # likewise, for the merges
         read_biases([t for t in targets if not t.skip_reason])
+
+    def _trace_merges(self, model: keras.Model, batch: Any, targets: list[Target]) -> None:
+        """Traces the calls of the model's subclassed layers holding targets (`tracing.trace_calls`) and finds the
+        merges again with their graphs (`residual.find_merges`); each layer that could not be traced has a merge
+        record left alone that says why its additions are not found."""
+        layers = candidates(model, targets)
+        if not layers:
+            return
+        tracing = trace_calls(model, batch, layers)
+        self.traced = tracing.traced
+        found = find_merges(model, targets, self.traced) if self.traced else list(self.merge_records)
+        untraced = [
+            Merge(layer, [], [], [], f"additions inside its call, if any, are not found: {reason}")
+            for layer, reason in tracing.untraced.items()
+        ]
+        self.merge_records.clear()
+        self.merge_records.update(dict.fromkeys([*found, *untraced]))
+
+    def _forward(self, layers: list[keras.layers.Layer], make_call: Callable[..., Callable[..., Any]]) -> None:
+        """`EngineBase._forward`, with each traced layer run through its graph (`TracedCall.call_through`)."""
+        through = {call.layer: call for call in self.traced if call.layer not in layers}
+
+        def call_of(layer: keras.layers.Layer, call: Callable[..., Any]) -> Callable[..., Any]:
+            return through[layer].call_through(call) if layer in through else make_call(layer, call)
+
+        super()._forward([*layers, *through], call_of)
 
     def run(self) -> dict[Target, LayerRecord]:
         while self._pass():

@@ -105,6 +105,9 @@ class MergeRecord:
             nor of equality.
         branch_layers: The layers that end the branches, as objects (names
             need not be unique). Not part of `to_dict()`, nor of equality.
+        within: For an addition inside a layer's traced `call` (`tracing`),
+            that layer, as an object; else `None`. Not part of `to_dict()`,
+            nor of equality.
     """
 
     name: str
@@ -119,6 +122,7 @@ class MergeRecord:
     reason: str | None = None
     operation: Any = dataclasses.field(default=None, repr=False, compare=False)
     branch_layers: list[keras.layers.Layer] = dataclasses.field(default_factory=list, repr=False, compare=False)
+    within: keras.layers.Layer | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def skipped(self) -> bool:
@@ -614,7 +618,9 @@ def _uncovered_from_dict(data: Any, index: int) -> UncoveredLayer:
 
 def _merge_fields() -> list[dataclasses.Field[Any]]:
     """The fields of `MergeRecord` that `to_dict` holds: all but the operation object."""
-    return [field for field in dataclasses.fields(MergeRecord) if field.name not in ("operation", "branch_layers")]
+    return [
+        field for field in dataclasses.fields(MergeRecord) if field.name not in ("operation", "branch_layers", "within")
+    ]
 
 
 def _merge_from_dict(data: Any, index: int) -> MergeRecord:

@@ -211,6 +211,7 @@ class Merge:
         weights: For each input, the variable its branch is scaled in where the branch passes through a layer scale
             (`scales_with_input`'s `weight`), else `None` (the target's kernel and bias).
         skip_reason: Why no branch of it can be scaled, else `None`.
+        within: The layer whose traced call holds the addition, else `None`.
     """
 
     operation: Any
@@ -218,6 +219,7 @@ class Merge:
     coefficients: list[float]
     weights: list[keras.Variable | None]
     skip_reason: str | None = None
+    within: keras.layers.Layer | None = None
 
     @property
     def name(self) -> str:
@@ -240,6 +242,7 @@ class Merge:
             branches=[target.layer.name for target in self.branch_targets],
             operation=self.operation,
             branch_layers=[target.layer for target in self.branch_targets],
+            within=self.within,
             **fields,
         )
 
@@ -272,10 +275,14 @@ def find_merges(model: keras.Model, targets: list[Target], traced: Sequence[Trac
     """
     by_layer = {id(t.layer): t for t in targets if not t.skip_reason}
     nodes: dict[int, Any] = {}  # every node of every graph, once, by id
+    within: dict[int, keras.layers.Layer] = {}  # the layer whose traced call holds a node
     outputs = []
-    for graph in [*_graphs(model), *(call.function for call in traced)]:
+    graphs = [(None, graph) for graph in _graphs(model)] + [(call.layer, call.function) for call in traced]
+    for layer, graph in graphs:
         for depth in sorted(graph._nodes_by_depth, reverse=True):
             nodes.update((id(node), node) for node in graph._nodes_by_depth[depth])
+            if layer is not None:
+                within.update((id(node), layer) for node in graph._nodes_by_depth[depth])
         outputs += tree.flatten(graph.outputs)
     index = Graph(
         consumers=Counter(id(tensor) for node in nodes.values() for tensor in node.input_tensors),
@@ -292,7 +299,11 @@ def find_merges(model: keras.Model, targets: list[Target], traced: Sequence[Trac
             continue
         ends = [_branch_end(tensor, by_layer, index) for tensor in node.input_tensors]
         merge = merges[id(node.operation)] = Merge(
-            node.operation, [end.target for end in ends], coefficients, [end.weight for end in ends]
+            node.operation,
+            [end.target for end in ends],
+            coefficients,
+            [end.weight for end in ends],
+            within=within.get(id(node)),
         )
         if calls[id(node.operation)] > 1 or len(getattr(node.operation, "_inbound_nodes", ())) > 1:
             merge.skip_reason = "called several times: a branch scale is solved at one call"

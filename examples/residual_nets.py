@@ -21,7 +21,8 @@ Networks, each trained with SGD (momentum 0.9, cosine decay from the learning ra
 - `gpt2` (where keras-hub is installed): keras-hub's `GPT2Backbone` at 4 blocks of 32 (2 heads, a gelu FFN of 64,
   no dropout), its residual additions inside its blocks' `call`, on the same task as token ids, mean-pooled.
 
-Initializations: `glorot_uniform` (Keras's default), `keras_lsuv.lsuv_init` plain (`lsuv`), with `center=True`
+Initializations: `glorot_uniform` (Keras's default; for `gpt2`, keras-hub's own: normal with deviation 0.02),
+`keras_lsuv.lsuv_init` plain (`lsuv`), with `center=True`
 (`lsuv_center`), with `residual="stream"` (`lsuv_stream`, residual networks only) and with both
 (`lsuv_stream_center`), and the Keras 3 peer `anyinit`
 0.4.0 in its `empirical` and `analytic` modes (`anyinit_empirical`, `anyinit_analytic`; skipped when the package is
@@ -312,7 +313,8 @@ def stream_table(streams):
         if isinstance(values, float):
             cell = f"{values:.0%} of the relu channels dead on the batch"
         else:
-            cell = "stream variance after each addition: " + ", ".join(f"{v:.2f}" for v in values)
+            where = "block" if network == "gpt2" else "addition"  # keras-hub's blocks: read at each block's output
+            cell = f"stream variance after each {where}: " + ", ".join(f"{v:.2f}" for v in values)
         lines.append(f"| {network} | {initialization} | {cell} |")
     return "\n".join(lines)
 

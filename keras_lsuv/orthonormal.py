@@ -372,12 +372,12 @@ def _layout(layer: keras.layers.Layer, kernel: keras.Variable) -> tuple[int, int
             channels,
             lambda xp, matrices: xp.reshape(xp.swapaxes(matrices, 0, 1), shape),
         )
-    if is_recurrent(layer):  # `(rows, gates·units)`: one `(rows, units)` matrix per gate
-        rows, units = shape[0], int(layer.cell.units)
+    if is_recurrent(layer):  # `(..., gates·units)`: one `(prod(shape[:-1]), units)` matrix per gate
+        rows, units = math.prod(shape[:-1]), int(getattr(layer.cell, "units", None) or layer.cell.filters)
         return (
             rows,
             units,
-            shape[1] // units,
+            shape[-1] // units,
             lambda xp, matrices: xp.reshape(xp.swapaxes(matrices, 0, 1), shape),
         )
     if len(shape) == 3 and "expert" in kernel.name.lower():  # `(experts, in, out)`: one matrix per expert

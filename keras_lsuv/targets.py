@@ -41,6 +41,8 @@ SEPARABLE = (layers.SeparableConv1D, layers.SeparableConv2D)
 # each maps the step's input by `kernel` (`(in, gates·units)`, gates side by side) and its state by
 # `recurrent_kernel` (`(units, gates·units)`).
 RECURRENT_CELLS = (layers.SimpleRNNCell, layers.LSTMCell, layers.GRUCell)
+# Recurrent layers whose cell applies its input kernel `(*kernel_size, in, 4·filters)` by a convolution.
+CONV_RECURRENT = (layers.ConvLSTM1D, layers.ConvLSTM2D, layers.ConvLSTM3D)
 # Names of weights that hold tables or added vectors, not a linear map of the layer's input: embeddings, class and
 # mask tokens, positional tables, biases.
 TABLE_OR_BIAS_NAME = re.compile(r"embed|token|table|bias|(^|_)pos(_|$|ition)", re.IGNORECASE)
@@ -94,14 +96,18 @@ class Target:
         in the kernel and the same in every step, so all steps are computed in one product, whatever the layer's
         `unroll`, direction or backend loop (JAX's `scan`).
         """
-        sequences = args[0] if args else kwargs["sequences"]
+        sequences = ops.cast(args[0] if args else kwargs["sequences"], "float32")
         mask = kwargs.get("mask", args[2] if len(args) > 2 else None)
-        z = ops.matmul(ops.cast(sequences, "float32"), ops.cast(self.scaled_kernel, "float32"))
-        z = ops.reshape(z, (-1, z.shape[-1]))
-        if mask is None:
-            return z
-        keep = np.flatnonzero(np.asarray(ops.convert_to_numpy(mask)).reshape(-1))
-        return ops.take(z, keep, axis=0)
+        cell, kernel = self.layer.cell, ops.cast(self.scaled_kernel, "float32")
+        if isinstance(self.layer, CONV_RECURRENT):  # every frame of every sequence through the input convolution
+            frames = ops.reshape(sequences, (-1, *sequences.shape[2:]))
+            z = cell.input_conv(frames, kernel, None, padding=cell.padding)
+        else:
+            z = ops.matmul(sequences, kernel)
+        z = ops.reshape(z, (sequences.shape[0] * sequences.shape[1], -1))  # one row per step
+        if mask is not None:
+            z = ops.take(z, np.flatnonzero(np.asarray(ops.convert_to_numpy(mask)).reshape(-1)), axis=0)
+        return ops.reshape(z, (-1,))
 
     @functools.cached_property
     def is_kernel_layer(self) -> bool:
@@ -312,15 +318,19 @@ def is_kernel_layer(layer: keras.layers.Layer) -> bool:
 
 
 def is_recurrent(layer: keras.layers.Layer) -> bool:
-    """Whether `layer` is a recurrent layer LSUV initializes: a `keras.layers.RNN` (`SimpleRNN`, `LSTM`, `GRU`, or
-    `RNN` with one of their cells, `Bidirectional`'s two directions each) whose cell is one of `RECURRENT_CELLS`.
+    """Whether `layer` is a recurrent layer LSUV initializes: `ConvLSTM1D/2D/3D`, or a `keras.layers.RNN`
+    (`SimpleRNN`, `LSTM`, `GRU`, or `RNN` with one of their cells; `Bidirectional`'s two directions each) whose cell
+    is one of `RECURRENT_CELLS`.
 
     Step 1 draws its input and recurrent kernels orthonormal per gate (Keras's own `recurrent_initializer` is
     `"orthogonal"`, over all gates at once); step 2 scales the input kernel so that the input projection
-    `x_t @ kernel` has unit variance over every step of every sequence (`Target.input_projection`: one scalar
-    over the gates, as the paper's over a convolution's channels), and leaves the recurrent kernel orthonormal.
-    `ConvLSTM` layers and stacked cells are not recurrent layers here: `report.uncovered` lists their kernels.
+    `x_t @ kernel` (a `ConvLSTM`'s input convolution) has unit variance over every step of every sequence
+    (`Target.input_projection`: one scalar over the gates, as the paper's over a convolution's channels), and leaves
+    the recurrent kernel orthonormal. Stacked cells are not recurrent layers here: `report.uncovered` lists their
+    kernels.
     """
+    if isinstance(layer, CONV_RECURRENT):
+        return True
     return isinstance(layer, layers.RNN) and isinstance(getattr(layer, "cell", None), RECURRENT_CELLS)
 
 

@@ -40,17 +40,15 @@ TOKENS, VOCABULARY = 6, 40
 
 
 def text_model():
-    """Embedding -> ConvLSTM -> experts -> Dense head: three layers LSUV does not reach, one it does (a `ConvLSTM`
-    is no recurrent layer LSUV initializes; an `LSTM` is)."""
+    """Embedding -> experts -> Dense head: two layers LSUV does not reach (a table, and a kernel layer whose output is
+    a tuple), one it does."""
     ids = keras.Input((TOKENS,), dtype="int32")
     embedding = layers.Embedding(VOCABULARY, 8)
-    lstm = layers.ConvLSTM1D(2, 3, padding="same", return_sequences=True)
     experts = Experts(10)
-    h = layers.Reshape((TOKENS, 8, 1))(embedding(ids))
-    h, _ = experts(layers.Reshape((TOKENS, 16))(lstm(h)))
+    h, _ = experts(embedding(ids))
     head = layers.Dense(3)
     model = keras.Model(ids, head(layers.GlobalAveragePooling1D()(h)))
-    return model, {"embedding": embedding, "lstm": lstm, "experts": experts, "head": head}
+    return model, {"embedding": embedding, "experts": experts, "head": head}
 
 
 def token_batch(n=64):
@@ -95,7 +93,7 @@ def test_weights_lsuv_does_not_reach_are_listed_by_layer_with_their_parameters(t
     model, parts, x, before, report, _ = text_run
     zoo.assert_report_is_true(model, x, report, zoo.kernels_by_layer(model))
     assert_uncovered_is_true(model, report, before)
-    owners = {"embedding": parts["embedding"], "lstm": parts["lstm"].cell, "experts": parts["experts"]}
+    owners = {"embedding": parts["embedding"], "experts": parts["experts"]}
     assert [entry.layer for entry in report.uncovered] == list(owners.values())  # the model's order
     total = size(model.weights)
     for name, layer in owners.items():
@@ -117,7 +115,7 @@ def test_one_warning_names_the_kernel_like_weights_not_the_embedding_table(text_
     assert len(messages) == 1
     message = messages[0]
     assert f"LSUV reached {report.coverage:.2%}" in message
-    for weight in kernel_like(parts["lstm"]) + kernel_like(parts["experts"]):
+    for weight in kernel_like(parts["experts"]):
         assert weight.path in message
     assert "embedding" not in message
 
@@ -126,9 +124,7 @@ def test_assert_converged_with_min_coverage_fails_with_the_list(text_run):
     _, parts, _, _, report, _ = text_run
     assert report.assert_converged() is report  # every measured layer converged
     assert report.assert_converged(min_coverage=report.coverage) is report
-    with pytest.raises(
-        AssertionError, match=r"below min_coverage=1; not reached:\n  'conv_lstm_cell' \(ConvLSTMCell\)"
-    ) as e:
+    with pytest.raises(AssertionError, match=r"below min_coverage=1; not reached:\n  'experts' \(Experts\)") as e:
         report.assert_converged(min_coverage=1.0)
     assert parts["experts"].expert_kernel.path in str(e.value) and "embeddings" not in str(e.value)
     for bad in (1.5, -0.1, True, "all"):
@@ -152,7 +148,7 @@ def test_the_list_round_trips_through_json_and_shows_in_the_table_and_html(text_
     text, page = str(report), report._repr_html_()
     assert "not reached" in text and f"kernel-like params reached {report.coverage:.1%}" in text.splitlines()[-1]
     assert parts["experts"].expert_kernel.path in text
-    assert '<table class="lsuv-uncovered">' in page and parts["lstm"].cell.kernel.path in page
+    assert '<table class="lsuv-uncovered">' in page and parts["experts"].expert_kernel.path in page
 
 
 def test_a_dense_model_is_fully_covered_without_a_warning_and_a_skipped_run_has_no_figure():

@@ -1,7 +1,7 @@
 """Recurrent layers: the input kernel of `SimpleRNN`, `LSTM` and `GRU` is scaled so that the input projection
-`x_t @ kernel` has unit variance over every step of every call (masked steps left out), the recurrent kernel is
-drawn orthonormal per gate and left unscaled; `Bidirectional`'s two directions, `unroll`, a layer called twice and
-JAX's `scan` included.
+`x_t @ kernel` (a `ConvLSTM`'s input convolution) has unit variance over every step of every call (masked steps left
+out), the recurrent kernel is drawn orthonormal per gate and left unscaled; `Bidirectional`'s two directions,
+`unroll`, a layer called twice and JAX's `scan` included.
 
 The oracle is `zoo.assert_report_is_true`: it records each recurrent layer's calls in a plain forward pass and
 computes their input projections again in NumPy.
@@ -106,15 +106,24 @@ def test_centering_leaves_a_recurrent_layer_scaled_only_with_its_reason():
         np.testing.assert_array_equal(bias, ops.convert_to_numpy(layer.cell.bias))  # the gates' offsets kept
 
 
-def test_targets_can_leave_recurrent_layers_out_and_conv_lstm_is_listed():
+def test_conv_lstm_input_convolution_reaches_unit_variance_and_its_kernels_are_orthonormal_per_gate():
     inputs = keras.Input((4, 6, 6, 2))
-    conv_lstm = layers.ConvLSTM2D(3, 3, padding="same")
+    conv_lstm = layers.ConvLSTM2D(3, 3, padding="same", return_sequences=True)
     model = keras.Model(inputs, layers.Dense(2)(layers.Flatten()(conv_lstm(inputs))))
     x = np.random.default_rng(2).normal(size=(16, 4, 6, 6, 2)).astype("float32")
-    assert not keras_lsuv.targets.is_recurrent(conv_lstm)
-    with pytest.warns(UserWarning, match="LSUV reached"):
-        report = zoo.run(model, x)
-    assert [entry.layer for entry in report.uncovered] == [conv_lstm.cell]
+    assert keras_lsuv.targets.is_recurrent(conv_lstm)
+    report = zoo.initialize_and_check(model, x)
+    [record] = [record for record in report.records if record.layer is conv_lstm]
+    assert record.converged and report.coverage == 1.0
+    rows = np.concatenate(zoo.preactivations(model, x)[conv_lstm])
+    assert abs(np.var(rows) - 1.0) < 0.1
+    recurrent = ops.convert_to_numpy(conv_lstm.cell.recurrent_kernel).astype("float64").reshape(27, 12)
+    for gate in range(4):  # (3·3·3, 3) per gate: orthonormal columns
+        block = recurrent[:, gate * 3 : (gate + 1) * 3]
+        np.testing.assert_allclose(block.T @ block, np.eye(3), atol=1e-5)
+
+
+def test_targets_can_leave_recurrent_layers_out():
     lstm_model = text_model()
     report = zoo.run(lstm_model, token_batch(), targets=lambda layer: isinstance(layer, layers.Dense))
     assert [type(record.layer) for record in report.records] == [layers.Dense]

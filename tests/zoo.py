@@ -212,7 +212,15 @@ def input_projection(layer, args, kwargs):
     cell's input kernel, as rows, the steps the call's mask leaves out left out."""
     sequences = keras.ops.convert_to_numpy(args[0] if args else kwargs["sequences"]).astype("float64")
     kernel = keras.ops.convert_to_numpy(layer.cell.kernel).astype("float64")
-    rows = (sequences @ kernel).reshape(-1, kernel.shape[-1])
+    if isinstance(layer, (layers.ConvLSTM1D, layers.ConvLSTM2D, layers.ConvLSTM3D)):  # each frame convolved
+        frames = sequences.reshape(-1, *sequences.shape[2:]).astype("float32")
+        cell = layer.cell
+        z = keras.ops.conv(
+            frames, kernel.astype("float32"), cell.strides, cell.padding, cell.data_format, cell.dilation_rate
+        )
+        rows = keras.ops.convert_to_numpy(z).astype("float64").reshape(sequences.shape[0] * sequences.shape[1], -1)
+    else:
+        rows = (sequences @ kernel).reshape(sequences.shape[0] * sequences.shape[1], -1)
     mask = kwargs.get("mask")
     return rows if mask is None else rows[keras.ops.convert_to_numpy(mask).reshape(-1).astype(bool)]
 

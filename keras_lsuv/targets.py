@@ -89,8 +89,8 @@ class Target:
         return is_recurrent(self.layer)
 
     def input_projection(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """A recurrent layer's input projection `x_t @ kernel` over every step of the call with `args`/`kwargs`
-        (float32, without bias, the steps the call's mask leaves out left out), one row per step.
+        """A recurrent layer's input projection `x_t @ kernel` (a `ConvLSTM`'s input convolution) over every step of
+        the call with `args`/`kwargs` (float32, without bias, the steps the call's mask leaves out left out), flat.
 
         It is what the cell computes of its input at each step, before the gates mix it with the state; it is linear
         in the kernel and the same in every step, so all steps are computed in one product, whatever the layer's
@@ -253,9 +253,9 @@ class Target:
 def default_targets(layer: keras.layers.Layer) -> bool:
     """Whether LSUV initializes `layer` unless told otherwise (`targets=None`): every `Dense`, `EinsumDense` and
     convolution (`ConvND`, `ConvNDTranspose`, `DepthwiseConvND`, `SeparableConvND`), subclasses included, every
-    recurrent layer (`is_recurrent`: `SimpleRNN`, `LSTM`, `GRU`, by their input kernel), and every kernel layer
-    (`is_kernel_layer`: a layer of its own with kernels of its own, such as a graph attention layer or keras-hub's
-    mixture-of-experts bank), but a deliberate start (`is_deliberate_start`: a kernel its author
+    recurrent layer (`is_recurrent`: `SimpleRNN`, `LSTM`, `GRU`, `ConvLSTM`, by their input kernel), and every
+    kernel layer (`is_kernel_layer`: a layer of its own with kernels of its own, such as a graph attention layer or
+    keras-hub's mixture-of-experts bank), but a deliberate start (`is_deliberate_start`: a kernel its author
     initialized to zeros, as a PointNet T-net's or a ReZero-style branch's last layer).
 
     With `targets=None` a deliberate start gets a record, skipped with that reason, and keeps its weights

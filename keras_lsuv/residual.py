@@ -527,7 +527,9 @@ def _layer_scale(layer: Any) -> keras.Variable | None:
     kind = _declared(layer)
     name = None if kind is None else DECLARED_SCALING[kind]
     weight = None if name is None else getattr(layer, name, None)
-    return weight if isinstance(weight, keras.Variable) else None
+    # One of the layer's own weights (not `isinstance(weight, keras.Variable)`: before Keras 3.7 that class is not the
+    # backend variables' base).
+    return weight if any(weight is own for own in layer.weights) else None
 
 
 @dataclasses.dataclass

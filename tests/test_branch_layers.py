@@ -184,7 +184,11 @@ def test_a_stochastic_depth_in_training_carries_the_branch_scale():
     unscaled = branch_in_training()
     dropped = np.all(unscaled == 0, axis=(1, 2, 3))
     assert dropped.any() and not dropped.all(), dropped  # a draw that drops some samples and keeps the others
-    np.testing.assert_allclose(scaled, merge.scale * unscaled, rtol=1e-4, atol=1e-6)
+    # The samples both draws keep (Keras 3.5 on JAX does not replay the global generator's draw after
+    # `set_random_seed`; later versions draw the same samples, and then all kept samples are compared).
+    kept = ~dropped & ~np.all(scaled == 0, axis=(1, 2, 3))
+    assert kept.any()
+    np.testing.assert_allclose(scaled[kept], merge.scale * unscaled[kept], rtol=1e-4, atol=1e-6)
 
 
 def test_a_declared_drop_path_passes_a_branch_and_an_undeclared_one_does_not():

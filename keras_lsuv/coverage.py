@@ -27,6 +27,7 @@ from keras_lsuv.targets import (
     EMBEDDINGS,
     TARGET_CLASSES,
     Target,
+    has_keras_call,
     holds_targets,
     is_deliberate_start,
     is_kernel_layer,
@@ -125,7 +126,7 @@ def _reason(layer: keras.layers.Layer, records: Mapping[int, LayerRecord]) -> st
         return (record.reason or "") if record.skipped else NOT_A_SCALED_KERNEL
     if isinstance(layer, TARGET_CLASSES + EMBEDDINGS) or is_kernel_layer(layer) or is_recurrent(layer):
         return NOT_CHOSEN
-    custom = not type(layer).call.__module__.startswith("keras.")
+    custom = not has_keras_call(layer)
     return HOLDS_TARGETS if custom and own_kernels(layer) and holds_targets(layer) else NOT_A_TARGET_KIND
 
 

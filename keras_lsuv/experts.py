@@ -21,12 +21,12 @@ from keras_lsuv.targets import Target
 
 def find_expert_scales(
     target: Target, moments_at: Callable[[np.ndarray | None], Moments], criterion: Criterion
-) -> tuple[LayerRecord, np.ndarray, Moments]:
+) -> tuple[LayerRecord, Moments]:
     """Runs LSUV's loop on every expert of `target` at once.
 
     Example:
 
-    >>> record, scales, final = find_expert_scales(target, moments_at, Criterion())
+    >>> record, final = find_expert_scales(target, moments_at, Criterion())
     >>> final.m2 / final.count  # each expert's variance, within 0.1 of 1 where `record.converged`
 
     Args:
@@ -37,8 +37,8 @@ def find_expert_scales(
 
     Returns:
         The bank's record (its variances over all experts together; `scale` the experts' geometric mean; converged
-        where every expert and all of them together are within the tolerance, else why not), each expert's scale,
-        and the moments at those scales.
+        where every expert and all of them together are within the tolerance, else why not), and the moments at the
+        scales it stopped at, the last `moments_at` evaluated (so the kernel the caller wrote last).
 
     Raises:
         ValueError: If the bank's output is not finite.
@@ -79,4 +79,4 @@ def find_expert_scales(
         reason=reason,
         layer=target.layer,
     )
-    return record, scales, stats
+    return record, stats

@@ -181,7 +181,7 @@ class Target:
             return False
         if self.is_kernel_layer or self.is_recurrent:
             return False
-        return bool(type(self.layer).call.__module__.startswith("keras."))
+        return has_keras_call(self.layer)
 
     @contextlib.contextmanager
     def activation_removed(self) -> Iterator[Callable[[Any], Any]]:
@@ -310,11 +310,16 @@ def is_kernel_layer(layer: keras.layers.Layer) -> bool:
     Returns:
         `True` for such a layer.
     """
-    if type(layer).call.__module__.startswith("keras."):  # Keras's own: a target kind, a table, a cell
+    if has_keras_call(layer):  # Keras's own: a target kind, a table, a cell
         return False
     if isinstance(layer, (*TARGET_CLASSES, *EMBEDDINGS, keras.Model)) or not layer.built:
         return False
     return bool(own_kernels(layer)) and not holds_targets(layer)
+
+
+def has_keras_call(layer: keras.layers.Layer) -> bool:
+    """Whether the `call` `layer` runs is Keras's own (defined in a `keras` module), not a subclass's or a user's."""
+    return str(getattr(type(layer).call, "__module__", "")).split(".")[0] == "keras"
 
 
 def is_recurrent(layer: keras.layers.Layer) -> bool:

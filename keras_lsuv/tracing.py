@@ -29,7 +29,7 @@ from keras import ops, tree
 
 from keras_lsuv.inference import inference_mode
 from keras_lsuv.interception import intercepted_calls, is_traced
-from keras_lsuv.targets import Target
+from keras_lsuv.targets import Target, has_keras_call
 
 
 @dataclasses.dataclass(eq=False)
@@ -101,7 +101,7 @@ def candidates(model: keras.Model, targets: list[Target]) -> list[keras.layers.L
     active = {id(t.layer) for t in targets if not t.skip_reason}
     found = []
     for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, keras.Model) or id(layer) in active or _keras_call(layer):
+        if isinstance(layer, keras.Model) or id(layer) in active or has_keras_call(layer):
             continue
         if any(id(inner) in active for inner in layer._flatten_layers(include_self=False)):
             found.append(layer)
@@ -228,11 +228,6 @@ def _first_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     meaningful = [line for line in lines if not line.startswith("Exception encountered when calling")]
     return (meaningful or lines or [""])[0]
-
-
-def _keras_call(layer: keras.layers.Layer) -> bool:
-    """Whether the `call` `layer` runs is Keras's own."""
-    return str(getattr(type(layer).call, "__module__", "")).split(".")[0] == "keras"
 
 
 def _is_tensor(value: Any) -> bool:

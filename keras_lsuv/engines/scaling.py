@@ -299,7 +299,7 @@ class LayerScaling(EngineBase):
             return measured[-1]
 
         with as_lsuv_error():
-            record, _, final = find_expert_scales(target, moments_at, self.criterion)
+            record, final = find_expert_scales(target, moments_at, self.criterion)
         if self.center:  # no bias to center: its record says so
             record = with_means(target, record, measured[0].pooled(), final.pooled(), self.criterion)
         state.record, state.experts = record, True
